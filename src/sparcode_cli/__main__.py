@@ -1,0 +1,3 @@
+from sparcode_cli.commands.app import main
+
+main()
