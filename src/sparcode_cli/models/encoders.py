@@ -1,0 +1,149 @@
+"""Shared encoders: the item encoder (id + genres + year) and the query encoders (`dnn`, `sasrec`).
+
+Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
+`hidden` (MLP hidden size), `dropout`, `query_encoder` ("dnn" or "sasrec"), `sasrec_layers`,
+`sasrec_heads`, `max_history` (L).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sparcode_cli.models.base import DataContext, QueryBatch
+
+
+def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers with GELU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.GELU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class ItemEncoder(nn.Module):
+    """Item id embedding + mean of genre embeddings + year-bucket embedding -> MLP -> R^d."""
+
+    def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
+        super().__init__()
+        e, d = int(cfg["emb_dim"]), int(cfg["dim"])
+        self.id_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
+        self.genre_emb = nn.Embedding(max(ctx.n_genres, 1), e, padding_idx=0)
+        self.year_emb = nn.Embedding(max(ctx.n_year_buckets, 1), e, padding_idx=0)
+        self.register_buffer(
+            "item_genres", torch.zeros(ctx.n_items + 1, max(ctx.max_genres, 1), dtype=torch.long)
+        )
+        self.register_buffer("item_year", torch.zeros(ctx.n_items + 1, dtype=torch.long))
+        self.mlp = mlp([3 * e, int(cfg["hidden"]), d], float(cfg.get("dropout", 0.0)))
+        nn.init.normal_(self.id_emb.weight, std=0.05)
+
+    def set_features(self, genres: np.ndarray, year: np.ndarray) -> None:
+        """Copy the dataset's item feature tables in (they then travel inside the checkpoint)."""
+        g = torch.as_tensor(genres, dtype=torch.long)
+        if g.ndim == 2 and g.shape[1] == 0:
+            g = torch.zeros(g.shape[0], 1, dtype=torch.long)
+        self.item_genres = g.to(self.item_genres.device)
+        self.item_year = torch.as_tensor(year, dtype=torch.long).to(self.item_year.device)
+
+    def forward(self, items: Tensor) -> Tensor:
+        genres = self.item_genres[items]  # (..., G)
+        g_mask = (genres > 0).float().unsqueeze(-1)
+        g = (self.genre_emb(genres) * g_mask).sum(-2) / g_mask.sum(-2).clamp(min=1.0)
+        x = torch.cat([self.id_emb(items), g, self.year_emb(self.item_year[items])], dim=-1)
+        return self.mlp(x)
+
+
+class UserFeatures(nn.Module):
+    """Embeddings of gender, age, occupation (0 = unknown), concatenated."""
+
+    def __init__(self, ctx: DataContext, emb_dim: int) -> None:
+        super().__init__()
+        self.embs = nn.ModuleList(nn.Embedding(max(v, 1), emb_dim, padding_idx=0) for v in ctx.user_vocab)
+        self.out_dim = emb_dim * len(ctx.user_vocab)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return torch.cat([emb(feats[:, j]) for j, emb in enumerate(self.embs)], dim=-1)
+
+
+class DNNQueryEncoder(nn.Module):
+    """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP."""
+
+    order_aware = False
+
+    def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
+        super().__init__()
+        e = int(cfg["emb_dim"])
+        self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.user = UserFeatures(ctx, max(e // 4, 4))
+        self.mlp = mlp(
+            [e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0))
+        )
+
+    def forward(self, q: QueryBatch) -> Tensor:
+        mask = (q.history > 0).float().unsqueeze(-1)
+        h = (self.item_emb(q.history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.mlp(torch.cat([h, self.user(q.user_feats)], dim=-1))
+
+
+class SASRecQueryEncoder(nn.Module):
+    """Causal self-attention over the history with positional embeddings; the last position + user features."""
+
+    order_aware = True
+
+    def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
+        super().__init__()
+        e = int(cfg["emb_dim"])
+        self.max_len = int(cfg["max_history"])
+        self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
+        self.pos_emb = nn.Embedding(self.max_len, e)
+        self.n_heads = int(cfg.get("sasrec_heads", 2))
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        layer = nn.TransformerEncoderLayer(
+            d_model=e,
+            nhead=self.n_heads,
+            dim_feedforward=2 * e,
+            dropout=float(cfg.get("dropout", 0.0)),
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
+        self.blocks = nn.TransformerEncoder(
+            layer, int(cfg.get("sasrec_layers", 2)), enable_nested_tensor=False
+        )
+        self.norm = nn.LayerNorm(e)
+        self.user = UserFeatures(ctx, max(e // 4, 4))
+        self.out = mlp(
+            [e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0))
+        )
+
+    def forward(self, q: QueryBatch) -> Tensor:
+        hist = q.history[:, -self.max_len :]
+        b, length = hist.shape
+        pos = torch.arange(length, device=hist.device).unsqueeze(0).expand(b, length)
+        x = self.item_emb(hist) + self.pos_emb(pos)
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=hist.device), diagonal=1)
+        # Padding keys are hidden, but every position may always see itself, so no attention row is empty
+        # (an empty row gives NaN, which would leak through later layers as 0 * NaN).
+        eye = torch.eye(length, dtype=torch.bool, device=hist.device)
+        mask = causal.unsqueeze(0) | ((hist == 0).unsqueeze(1) & ~eye.unsqueeze(0))  # (B, L, L)
+        mask = mask.repeat_interleave(self.n_heads, dim=0)
+        x = self.blocks(x, mask=mask)
+        last = self.norm(x[:, -1])
+        return self.out(torch.cat([last, self.user(q.user_feats)], dim=-1))
+
+
+QUERY_ENCODERS = {"dnn": DNNQueryEncoder, "sasrec": SASRecQueryEncoder}
+
+
+def build_query_encoder(cfg: dict[str, Any], ctx: DataContext) -> nn.Module:
+    return QUERY_ENCODERS[str(cfg["query_encoder"])](cfg, ctx)
