@@ -15,4 +15,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.mktemp("sparcode_home")
     monkeypatch.setenv("SPARCODE_HOME", str(home))
     monkeypatch.delenv("SPARCODE_MIRROR", raising=False)
+    # Tests talk only to servers on 127.0.0.1: never through a proxy from the environment.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     return home

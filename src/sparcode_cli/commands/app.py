@@ -10,7 +10,7 @@ from rich.console import Console
 from sparcode_cli import __version__
 from sparcode_cli.errors import UserError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="sparcode",

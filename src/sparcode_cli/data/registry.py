@@ -42,7 +42,7 @@ class DatasetSpec:
     license: str = ""
     citation: str = ""
     features: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)  # hash=False keeps specs hashable
 
     @property
     def embedded_path(self) -> Path:
@@ -61,7 +61,9 @@ def registry_path() -> Path:
     raise UserError("the dataset registry datasets.toml was not found", "Set SPARCODE_REGISTRY to its path.")
 
 
-def _parse(name: str, table: dict[str, Any]) -> DatasetSpec:
+def _parse(name: str, table: Any) -> DatasetSpec:
+    if not isinstance(table, dict):
+        raise UserError(f"datasets.toml: {name!r} is not a [table]", "Each dataset is a [name] table.")
     files = tuple(
         FileSpec(fname, (info or {}).get("md5"), (info or {}).get("url"))
         for fname, info in table.get("files", {}).items()
@@ -96,6 +98,10 @@ def load_registry(path: Path | None = None) -> dict[str, DatasetSpec]:
     path = path or registry_path()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(
+            f"cannot read the dataset registry {path} ({exc.strerror})", "Check SPARCODE_REGISTRY."
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from exc
     return {name: _parse(name, table) for name, table in raw.items()}
