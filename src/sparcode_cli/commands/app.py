@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(exc.message, highlight=False, markup=False)
         if exc.hint:
-            err_console.print(exc.hint, highlight=False)
+            err_console.print(exc.hint, highlight=False, markup=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
