@@ -1,0 +1,740 @@
+"""The SparCode code -> item inverted index, its chunked builder, and exact sparse top-k retrieval.
+
+    builder = CSRBuilder(n_items, max_per_code=None)
+    for codes, scores in chunks:           # scores: dense float32 (len(codes), n_items + 1), computed by the model
+        builder.add(codes, scores)         # keeps only scores > 0 (optionally the best max_per_code per code)
+    index = builder.finish()               # CodeIndex: CSR (n_codes_built, n_items + 1) + sorted global code ids
+    index.save("out/"); index = CodeIndex.load("out/")
+    top = retrieve(index, user_codes, history, k=20, on_the_fly=model_scores_codes)
+
+Conventions shared by every retrieval path in this package (sparse index, dense exact scoring, Faiss):
+- item ids are 1..n_items; column / item 0 is padding and never returned;
+- ties break by (score descending, item id ascending), so two paths that compute the same scores return the
+  same lists; for the sparse index a score <= 0 means "not retrieved", so a list may be shorter than k;
+- a result is a `TopK`: `items` (U, k) int64 padded with 0, `scores` (U, k) float32 padded with -inf, and
+  `lengths` (U,): row u's list is items[u, :lengths[u]].
+
+How `retrieve` stays fast without a dense users x items array: a batch of users becomes a sparse count matrix
+Q (a code repeated by a user counts twice), C = Q @ index is a sparse x sparse product (scipy's Gustavson
+kernel, called without its counting pass), and the top-k is taken over C's non-zeros only. To avoid ranking
+all ~K_u x row-nnz entries of a row, each user gets a cheap lower bound on its (k + |history|)-th best score:
+max over its codes of (count x that code's (k + |history|)-th best stored score), valid because every stored
+score is > 0 so adding codes can only raise an item's score. Users are batched in order of that bound, so
+one scalar comparison per batch drops most entries; the survivors (a few per cent) are checked against their
+own row's bound and sorted by one composite integer key (row, score, item); history items are then dropped
+and the first k kept. The result is exactly the dense top-k of the same scores (tests check it against
+`topk_dense`); scores are float32 sums, equal to a dense sum up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from sparcode_cli.atomic import atomic_path
+from sparcode_cli.data.dataset import Ragged
+from sparcode_cli.errors import UserError
+
+try:  # scipy's compiled Gustavson kernel; called directly it skips the extra counting pass of `Q @ X`
+    from scipy.sparse._sparsetools import csr_matmat as _csr_matmat
+except ImportError:  # pragma: no cover - a future scipy may move it; the public product is the fallback
+    _csr_matmat = None
+
+INDEX_FILE = "index.npz"
+CODES_FILE = "index_codes.npz"
+REBUILD_HINT = "Rebuild it with `sparcode index`."
+
+History = sp.spmatrix | sp.sparray | Ragged | None
+OnTheFly = Callable[[np.ndarray], np.ndarray]
+
+_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)  # `x >= _TINY` is `x > 0` for float32
+_BOUND_SLACK = np.float32(1.0 - 2.0**-20)  # keeps the lower bound below float32 rounding of count x score
+_TOP_MAX_DEPTH = 4096  # deepest per-code rank kept for the pruning bound
+_KEY_BITS = 63  # row | score | item must fit a non-negative int64 sort key
+
+
+# --------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TopK:
+    """Top-k lists of U users. Row u's list is items[u, :lengths[u]] (best first); the rest is padding."""
+
+    items: np.ndarray  # int64 (U, k), 0 past lengths[u]
+    scores: np.ndarray  # float32 (U, k), -inf past lengths[u]
+    lengths: np.ndarray  # int64 (U,)
+    n_on_the_fly_users: int = 0  # users that had at least one code scored on the fly (sparse index only)
+
+    @property
+    def k(self) -> int:
+        return int(self.items.shape[1])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.items.shape[0])
+
+    def row(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self.lengths[u])
+        return self.items[u, :n], self.scores[u, :n]
+
+    def to_ragged(self) -> Ragged:
+        indptr = np.zeros(self.n_users + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=indptr[1:])
+        keep = np.arange(self.k)[None, :] < self.lengths[:, None]
+        return Ragged(indptr, self.items[keep].astype(np.int64))
+
+    @staticmethod
+    def empty(n_users: int, k: int, n_on_the_fly_users: int = 0) -> TopK:
+        return TopK(
+            np.zeros((n_users, k), dtype=np.int64),
+            np.full((n_users, k), -np.inf, dtype=np.float32),
+            np.zeros(n_users, dtype=np.int64),
+            n_on_the_fly_users,
+        )
+
+
+def history_csr(history: History, n_users: int, n_cols: int) -> sp.csr_matrix:
+    """History as a binary CSR (n_users, n_cols) with sorted indices; the caller's matrix is not modified."""
+    if history is None:
+        return sp.csr_matrix((n_users, n_cols), dtype=np.float32)
+    if isinstance(history, Ragged):
+        if history.n_rows != n_users:
+            raise ValueError(f"history has {history.n_rows} rows for {n_users} users")
+        if len(history.values) and (history.values.min() < 0 or history.values.max() >= n_cols):
+            raise ValueError(f"history item ids must lie in 0..{n_cols - 1}")
+        return history.to_csr(n_cols)
+    h = sp.csr_matrix(history)
+    if h.shape[0] != n_users or h.shape[1] > n_cols:
+        raise ValueError(f"history has shape {h.shape}; expected ({n_users}, {n_cols})")
+    if h.shape[1] < n_cols:
+        h = sp.csr_matrix((h.data, h.indices, h.indptr), shape=(n_users, n_cols))
+    if not h.has_canonical_format:
+        h = h.copy()
+        h.sum_duplicates()
+    return h
+
+
+def _history_keys(h: sp.csr_matrix, rows: np.ndarray, n_cols: int) -> np.ndarray:
+    """Sorted int64 keys local_row * n_cols + item of the history rows `rows` (local row = position)."""
+    starts = h.indptr[rows].astype(np.int64)
+    lens = h.indptr[rows + 1].astype(np.int64) - starts
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(lens[:-1], out=offsets[1:])
+    pos = np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)  # gather the rows' segments
+    keys = np.repeat(np.arange(len(rows), dtype=np.int64) * n_cols, lens)
+    keys += h.indices[pos]
+    return keys  # sorted: rows ascending, indices sorted within a row
+
+
+def _in_sorted(keys: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
+    if len(sorted_ref) == 0 or len(keys) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.searchsorted(sorted_ref, keys)
+    np.minimum(pos, len(sorted_ref) - 1, out=pos)
+    return sorted_ref[pos] == keys
+
+
+# ------------------------------------------------------------------------------------------------- the index
+@dataclass
+class CodeIndex:
+    """Code -> item scores for the built subset of the code universe.
+
+    `matrix` is CSR (n_rows, n_items + 1), float32 data > 0, canonical (sorted, unique indices), column 0
+    (padding item) empty; row r holds the scores of global code id `code_ids[r]` (int64, strictly increasing).
+    `max_per_code` is the cap the build used (None = uncapped): on-the-fly rows are capped the same way.
+    """
+
+    matrix: sp.csr_matrix
+    code_ids: np.ndarray
+    max_per_code: int | None = None
+    _top: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _top_done: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _ext: sp.csr_matrix | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        m = self.matrix
+        if not sp.issparse(m) or m.format != "csr":
+            raise ValueError("CodeIndex.matrix must be a scipy CSR matrix")
+        if not isinstance(m, sp.csr_matrix):
+            m = self.matrix = sp.csr_matrix(m)
+        if m.dtype != np.float32:
+            m = self.matrix = m.astype(np.float32)
+        self.code_ids = np.asarray(self.code_ids, dtype=np.int64)
+        if self.code_ids.ndim != 1 or len(self.code_ids) != m.shape[0]:
+            raise ValueError(f"{len(self.code_ids)} code ids for {m.shape[0]} index rows")
+        if len(self.code_ids) > 1 and not np.all(np.diff(self.code_ids) > 0):
+            raise ValueError("code_ids must be strictly increasing")
+        if m.shape[1] < 1:
+            raise ValueError("the index needs at least the padding column")
+        # retrieve's pruning bound relies on these: every stored score is a finite value > 0, item 0 absent
+        if m.nnz and not (np.isfinite(m.data).all() and m.data.min() > 0):
+            raise ValueError("index scores must be finite and > 0 (only positive scores are stored)")
+        if m.nnz and m.indices.min() < 1:
+            raise ValueError("the padding item 0 must not be stored")
+
+    # ---- sizes
+    @property
+    def n_rows(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.matrix.shape[1]) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+    @property
+    def density(self) -> float:
+        """nnz / (rows built x n_items): the fraction of (code, item) pairs that are stored."""
+        denom = self.n_rows * self.n_items
+        return float(self.nnz / denom) if denom else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        m = self.matrix
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.code_ids.nbytes)
+
+    def row_nnz(self) -> np.ndarray:
+        return np.diff(self.matrix.indptr)
+
+    def row_of(self, code_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each global code id: (rows int64 with -1 where absent, found bool), same shape as input."""
+        q = np.asarray(code_ids, dtype=np.int64)
+        pos = np.searchsorted(self.code_ids, q)
+        if self.n_rows == 0:
+            return np.full(q.shape, -1, dtype=np.int64), np.zeros(q.shape, dtype=bool)
+        found = self.code_ids[np.minimum(pos, self.n_rows - 1)] == q
+        return np.where(found, pos, -1).astype(np.int64), found
+
+    # ---- internals for retrieve
+    def _extended(self) -> sp.csr_matrix:
+        """The matrix plus one empty last row (absent codes point there); shares the data arrays."""
+        if self._ext is None:
+            m = self.matrix
+            indptr = np.append(m.indptr, m.indptr[-1]).astype(m.indptr.dtype)
+            self._ext = sp.csr_matrix((m.data, m.indices, indptr), shape=(m.shape[0] + 1, m.shape[1]))
+        return self._ext
+
+    def _top_at(self, rows: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """Each row's depth-th best stored score (rows and depth broadcast; depth >= 1), float32.
+
+        0 where the row holds fewer entries, or where depth > _TOP_MAX_DEPTH (no bound is worth it there).
+        Backed by a lazily filled, cached table of each used row's best scores.
+        """
+        rows, depth = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(depth, dtype=np.int64))
+        out = np.zeros(rows.shape, dtype=np.float32)
+        reach = depth <= _TOP_MAX_DEPTH
+        if not reach.any():
+            return out
+        need = int(depth[reach].max())
+        if self._top is None or self._top.shape[1] < need:
+            width = min(max(64, 1 << int(np.ceil(np.log2(need)))), _TOP_MAX_DEPTH)
+            self._top = np.zeros((self.n_rows + 1, width), dtype=np.float32)
+            self._top_done = np.zeros(self.n_rows + 1, dtype=bool)
+            self._top_done[self.n_rows] = True  # the empty row
+        top, done = self._top, self._top_done
+        todo = np.unique(rows[reach][~done[rows[reach]]])
+        if len(todo):
+            sub = self.matrix[todo]
+            lens = np.diff(sub.indptr)
+            r = np.repeat(np.arange(len(todo), dtype=np.int64), lens)
+            keys = np.sort((r << 31) | (0x7FFFFFFF - sub.data.view(np.int32).astype(np.int64)))
+            r = keys >> 31
+            starts = np.zeros(len(todo) + 1, dtype=np.int64)
+            np.cumsum(lens, out=starts[1:])
+            rank = np.arange(len(keys), dtype=np.int64) - starts[r]
+            keep = rank < top.shape[1]
+            vals = (0x7FFFFFFF - (keys[keep] & 0x7FFFFFFF)).astype(np.int32).view(np.float32)
+            block = np.zeros((len(todo), top.shape[1]), dtype=np.float32)
+            block[r[keep], rank[keep]] = vals
+            top[todo] = block
+            done[todo] = True
+        out[reach] = top[rows[reach], depth[reach] - 1]
+        return out
+
+    # ---- persistence
+    def save(self, folder: str | Path) -> None:
+        """Write index.npz (scipy.sparse.save_npz, uncompressed) and index_codes.npz, each atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / CODES_FILE) as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                code_ids=self.code_ids,
+                shape=np.array(self.matrix.shape, dtype=np.int64),
+                nnz=np.array(self.nnz, dtype=np.int64),
+                max_per_code=np.array(-1 if self.max_per_code is None else self.max_per_code, dtype=np.int64),
+            )
+        with atomic_path(folder / INDEX_FILE) as tmp, open(tmp, "wb") as fh:
+            sp.save_npz(fh, self.matrix, compressed=False)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CodeIndex:
+        """Load what `save` wrote; a missing, truncated or inconsistent file is a UserError naming it."""
+        folder = Path(folder)
+        codes_path, index_path = folder / CODES_FILE, folder / INDEX_FILE
+        try:
+            with np.load(codes_path, allow_pickle=False) as z:
+                code_ids = np.asarray(z["code_ids"], dtype=np.int64)
+                shape = tuple(int(s) for s in z["shape"])
+                nnz = int(z["nnz"])
+                cap = int(z["max_per_code"])
+        except FileNotFoundError:
+            raise UserError(f"code index file {codes_path} is missing.", REBUILD_HINT) from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(
+                f"code index file {codes_path} is truncated or corrupt ({e}).", REBUILD_HINT
+            ) from None
+        try:
+            m = sp.load_npz(index_path)  # np.load(..., allow_pickle=False) inside
+        except FileNotFoundError:
+            raise UserError(f"code index file {index_path} is missing.", REBUILD_HINT) from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(
+                f"code index file {index_path} is truncated or corrupt ({e}).", REBUILD_HINT
+            ) from None
+        problem = _check_matrix(m, shape, nnz, len(code_ids))
+        if problem:
+            raise UserError(f"code index file {index_path} is inconsistent: {problem}.", REBUILD_HINT)
+        try:
+            return cls(sp.csr_matrix(m), code_ids, None if cap < 0 else cap)
+        except ValueError as e:
+            raise UserError(f"code index file {codes_path} is inconsistent: {e}.", REBUILD_HINT) from None
+
+
+def _check_matrix(m: object, shape: tuple[int, ...], nnz: int, n_codes: int) -> str | None:
+    if not sp.issparse(m) or m.format != "csr":
+        return "not a CSR matrix"
+    if m.shape != shape or m.nnz != nnz or shape[0] != n_codes:
+        return f"shape {m.shape} / nnz {m.nnz} do not match {CODES_FILE} (shape {shape}, nnz {nnz})"
+    indptr = m.indptr
+    if indptr[0] != 0 or indptr[-1] != len(m.indices) or len(m.data) != len(m.indices):
+        return "malformed row pointers"
+    if np.any(np.diff(indptr) < 0):
+        return "malformed row pointers"
+    if len(m.indices) and (m.indices.min() < 1 or m.indices.max() >= shape[1]):
+        return "item ids out of range (or the padding item 0 stored)"
+    if m.dtype != np.float32 or (len(m.data) and not (np.all(np.isfinite(m.data)) and m.data.min() > 0)):
+        return "scores must be finite float32 > 0"
+    if not m.has_canonical_format:
+        return "item ids not sorted/unique within a row"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- building
+def estimate_bytes(
+    n_codes: int,
+    n_items: int,
+    expected_density: float,
+    max_per_code: int | None = None,
+    chunk_rows: int = 0,
+) -> int:
+    """Peak memory of a build: twice the final index (chunks, then their concatenation) plus one dense chunk.
+
+    The final index alone is about half of the first term (data 4 B + index 4 B per entry, or 8 B past 2^31).
+    """
+    per_row = float(expected_density) * n_items
+    if max_per_code is not None:
+        per_row = min(per_row, float(max_per_code))
+    nnz = int(np.ceil(n_codes * per_row))
+    idx_bytes = 4 if nnz < 2**31 else 8
+    final = nnz * (4 + idx_bytes) + (n_codes + 1) * idx_bytes + n_codes * 8
+    return int(2 * final + chunk_rows * (n_items + 1) * 4)
+
+
+def _keep_mask(scores: np.ndarray, max_per_code: int | None) -> np.ndarray:
+    """Entries to store from a dense block: > 0, not column 0, and per row the best max_per_code.
+
+    Ties at the cut go to the smaller item id (score descending, item ascending).
+    """
+    keep = scores > 0
+    keep[:, 0] = False
+    if max_per_code is None or max_per_code >= scores.shape[1] - 1:
+        return keep
+    if max_per_code <= 0:
+        return np.zeros_like(keep)
+    cap = int(max_per_code)
+    s = np.where(keep, scores, -np.inf).astype(np.float32, copy=False)
+    kth = -np.partition(-s, cap - 1, axis=1)[:, cap - 1]  # cap-th largest (maybe -inf: fewer than cap kept)
+    above = s > kth[:, None]
+    eq = (s == kth[:, None]) & keep
+    need = cap - above.sum(axis=1)
+    eq_rank = np.cumsum(eq, axis=1, dtype=np.int32)  # ids ascending within a row
+    return above | (eq & (eq_rank <= need[:, None]))
+
+
+class CSRBuilder:
+    """Assemble a CodeIndex from dense score blocks, chunk by chunk, never holding n_codes x n_items dense.
+
+    `add(code_ids, scores)`: scores float32 (len(code_ids), n_items + 1). Only values > 0 are kept (column 0,
+    the padding item, never), optionally only the best `max_per_code` per code with ties (score desc, item
+    asc). Chunks may come in any order of code ids; a code id may appear once.
+    """
+
+    def __init__(self, n_items: int, max_per_code: int | None = None) -> None:
+        self.n_items = int(n_items)
+        self.max_per_code = None if max_per_code is None else int(max_per_code)
+        self._codes: list[np.ndarray] = []
+        self._lens: list[np.ndarray] = []
+        self._indices: list[np.ndarray] = []
+        self._data: list[np.ndarray] = []
+        self.nnz = 0
+
+    def add(self, code_ids: np.ndarray, scores: np.ndarray) -> None:
+        code_ids = np.asarray(code_ids, dtype=np.int64).reshape(-1)
+        scores = np.asarray(scores)
+        if scores.ndim != 2 or scores.shape != (len(code_ids), self.n_items + 1):
+            raise ValueError(f"scores shape {scores.shape}; expected ({len(code_ids)}, {self.n_items + 1})")
+        if len(code_ids) and code_ids.min() < 0:
+            raise ValueError("code ids must be >= 0")
+        keep = _keep_mask(scores, self.max_per_code)
+        r, c = np.nonzero(keep)  # row-major: item ids ascending within a row
+        vals = scores[r, c].astype(np.float32)
+        if not np.all(np.isfinite(vals)):
+            bad = code_ids[r[~np.isfinite(vals)][0]]
+            raise ValueError(f"non-finite score for code {bad}")
+        self._codes.append(code_ids.copy())
+        self._lens.append(np.bincount(r, minlength=len(code_ids)).astype(np.int64))
+        self._indices.append(c.astype(np.int64 if self.n_items + 1 > 2**31 - 1 else np.int32))
+        self._data.append(vals)
+        self.nnz += len(vals)
+
+    def finish(self) -> CodeIndex:
+        codes = np.concatenate(self._codes) if self._codes else np.zeros(0, dtype=np.int64)
+        lens = np.concatenate(self._lens) if self._lens else np.zeros(0, dtype=np.int64)
+        idx_dtype = np.int32 if self.nnz < 2**31 and self.n_items + 1 < 2**31 else np.int64
+        indptr = np.zeros(len(codes) + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        indices = (
+            np.concatenate(self._indices).astype(idx_dtype, copy=False)
+            if self._indices
+            else np.zeros(0, idx_dtype)
+        )
+        data = np.concatenate(self._data) if self._data else np.zeros(0, np.float32)
+        self._codes, self._lens, self._indices, self._data = [], [], [], []
+        shape = (len(codes), self.n_items + 1)
+        m = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)), shape=shape)
+        if len(codes) > 1 and not np.all(np.diff(codes) > 0):
+            order = np.argsort(codes, kind="stable")
+            codes = codes[order]
+            if np.any(np.diff(codes) == 0):
+                raise ValueError(f"code id {codes[np.flatnonzero(np.diff(codes) == 0)[0]]} was added twice")
+            m = m[order]
+        m.has_sorted_indices = True
+        return CodeIndex(m, codes, self.max_per_code)
+
+
+def build_csr_from_chunks(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], n_items: int, max_per_code: int | None = None
+) -> CodeIndex:
+    """One-call form of CSRBuilder: `chunks` yields (code_ids, dense float32 scores) pairs."""
+    b = CSRBuilder(n_items, max_per_code)
+    for codes, scores in chunks:
+        b.add(codes, scores)
+    return b.finish()
+
+
+def prune(index: CodeIndex, shift: float = 0.0, max_per_code: int | None = None) -> CodeIndex:
+    """The index a higher bias or a tighter cap would have built, without rescoring (for a bias sweep).
+
+    New score = old - shift (shift >= 0: raising the cut by `shift`), entries <= 0 dropped, then the best
+    `max_per_code` per row kept with ties (score desc, item asc). Exact because every dropped pair scored
+    <= 0 before and would score even lower now.
+    """
+    if shift < 0:
+        raise ValueError("shift must be >= 0 (a lower cut needs entries that were never stored)")
+    m = index.matrix
+    r = np.repeat(np.arange(index.n_rows, dtype=np.int64), np.diff(m.indptr))
+    data = (m.data - np.float32(shift)).astype(np.float32) if shift else m.data.copy()
+    keep = data > 0
+    cap = index.max_per_code
+    if max_per_code is not None:
+        cap = int(max_per_code) if cap is None else min(cap, int(max_per_code))
+        order = np.lexsort((m.indices, -data, r))
+        rank = np.empty(len(order), dtype=np.int64)
+        starts = m.indptr[:-1].astype(np.int64)
+        rank[order] = np.arange(len(order), dtype=np.int64) - starts[r[order]]
+        keep &= rank < cap
+    lens = np.bincount(r[keep], minlength=index.n_rows)
+    indptr = np.zeros(index.n_rows + 1, dtype=np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    out = sp.csr_matrix((data[keep], m.indices[keep], indptr.astype(m.indptr.dtype)), shape=m.shape)
+    return CodeIndex(out, index.code_ids.copy(), cap)
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+def _spgemm(
+    qp: np.ndarray, qj: np.ndarray, x: sp.csr_matrix, upper: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C = Q @ x for Q given by (qp, qj, ones), as CSR arrays (indptr, indices, data); indices unsorted.
+
+    scipy's compiled kernel writes into arrays sized by the known upper bound (sum of the rows' lengths),
+    which skips the counting pass that `Q @ x` runs first.
+    """
+    n, n_cols = len(qp) - 1, x.shape[1]
+    idx = x.indptr.dtype
+    if _csr_matmat is not None and x.indices.dtype == idx and upper < np.iinfo(idx).max:
+        cp = np.empty(n + 1, dtype=idx)
+        cj = np.empty(upper, dtype=idx)
+        cx = np.empty(upper, dtype=np.float32)
+        qx = np.ones(len(qj), dtype=np.float32)
+        _csr_matmat(n, n_cols, qp.astype(idx), qj.astype(idx), qx, x.indptr, x.indices, x.data, cp, cj, cx)
+        nnz = int(cp[-1])
+        return cp, cj[:nnz], cx[:nnz]
+    q = sp.csr_matrix((np.ones(len(qj), np.float32), qj, qp), shape=(n, x.shape[0]))
+    c = sp.csr_matrix(q @ x)
+    return c.indptr, c.indices, c.data
+
+
+def _otf_index(index: CodeIndex, codes: np.ndarray, on_the_fly: OnTheFly, max_block_bytes: int) -> CodeIndex:
+    """Score absent codes with the callback, in blocks, into a small CodeIndex built like the real one."""
+    b = CSRBuilder(index.n_items, index.max_per_code)
+    step = max(1, int(max_block_bytes // (4 * (index.n_items + 1))))
+    for s in range(0, len(codes), step):
+        part = codes[s : s + step]
+        scores = np.asarray(on_the_fly(part), dtype=np.float32)
+        if scores.shape != (len(part), index.n_items + 1):
+            raise ValueError(
+                f"on_the_fly returned shape {scores.shape}; expected ({len(part)}, {index.n_items + 1})"
+            )
+        b.add(part, scores)
+    return b.finish()
+
+
+def _batches(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Split 0..len(cost) into consecutive ranges whose summed cost stays near `budget` (>= 1 item each)."""
+    if len(cost) == 0:
+        return []
+    cum = np.cumsum(cost, dtype=np.int64)
+    out, start = [], 0
+    while start < len(cost):
+        base = cum[start - 1] if start else 0
+        end = int(np.searchsorted(cum, base + budget, side="right"))
+        end = max(end, start + 1)
+        out.append((start, min(end, len(cost))))
+        start = end
+    return out
+
+
+def retrieve(
+    index: CodeIndex,
+    user_codes: np.ndarray,
+    history: History = None,
+    k: int = 20,
+    on_the_fly: OnTheFly | None = None,
+    *,
+    batch_entries: int = 1 << 19,
+    otf_block_bytes: int = 256 << 20,
+) -> TopK:
+    """Exact top-k per user from the code index: scores = sum over the user's codes of their index rows.
+
+    user_codes: (U, K_u) global code ids (a repeated code counts twice). history: the items to mask per user
+    (CSR (U, n_items + 1) binary, or Ragged, or None). Scores <= 0 are "not retrieved"; a row with fewer than
+    k retrievable items gives a shorter list. Codes without a row are scored by `on_the_fly(code_ids) ->
+    float32 (n, n_items + 1)` (kept > 0 and capped exactly as the build would) and the users needing it are
+    counted in `n_on_the_fly_users`. `batch_entries` bounds the product's non-zeros held at once.
+    """
+    codes = np.asarray(user_codes, dtype=np.int64)
+    if codes.ndim != 2:
+        raise ValueError(f"user_codes must be (U, K_u); got shape {codes.shape}")
+    n_users, n_k = codes.shape
+    k = int(k)
+    n_cols = index.n_items + 1
+    out = TopK.empty(n_users, max(k, 0))
+    if n_users == 0 or k <= 0 or n_k == 0:
+        return out
+    if codes.min() < 0:
+        raise ValueError("code ids must be >= 0")
+    rows, found = index.row_of(codes)
+    rows[~found] = index.n_rows  # the empty row of the extended matrix
+    missing_user = ~found.all(axis=1)
+    n_otf = int(missing_user.sum())
+    hist = history_csr(history, n_users, n_cols)
+    h_len = np.diff(hist.indptr).astype(np.int64)
+    depth_needed = k + h_len  # the k-th non-history item is at worst the (k + |history|)-th item overall
+
+    otf = None
+    otf_rows = np.full(codes.shape, 0, dtype=np.int64)
+    if n_otf:
+        if on_the_fly is None:
+            raise ValueError(
+                f"{n_otf} users have codes without a row in the index and no on_the_fly scorer was given"
+            )
+        absent = np.unique(codes[~found])
+        otf = _otf_index(index, absent, on_the_fly, otf_block_bytes)
+        r2, f2 = otf.row_of(codes)
+        otf_rows = np.where(f2, r2, otf.n_rows)
+
+    x = index._extended()
+    row_cost = np.append(index.row_nnz(), 0).astype(np.int64)
+    cost = row_cost[rows].sum(axis=1)
+    if otf is not None:
+        cost += np.append(otf.row_nnz(), 0)[otf_rows].sum(axis=1)
+    # lower bound of each user's (k + |history|)-th best score: its codes' own depth-th best stored scores
+    # (times the code's count), valid because stored scores are > 0, so other codes can only add
+    mult = (codes[:, :, None] == codes[:, None, :]).sum(axis=2).astype(np.float32)  # each code's count
+    depth = np.broadcast_to(depth_needed[:, None], codes.shape)
+    vals = index._top_at(rows, depth)
+    if otf is not None:
+        np.maximum(vals, otf._top_at(otf_rows, depth), out=vals)
+    bound = np.maximum((vals * mult).max(axis=1) * _BOUND_SLACK, _TINY).astype(np.float32)
+    key_bits = int(n_cols - 1).bit_length()
+
+    # users needing on-the-fly scores go in batches of their own, so the common path stays one product;
+    # within a group users are ordered by bound, so one scalar threshold per batch prunes almost as well
+    groups = [np.flatnonzero(~missing_user), np.flatnonzero(missing_user)]
+    for g, users in enumerate(groups):
+        users = users[np.argsort(bound[users], kind="stable")]
+        for s, e in _batches(np.maximum(cost[users], 1), batch_entries):
+            ub = users[s:e]
+            nb = len(ub)
+            qp = np.arange(0, nb * n_k + 1, n_k, dtype=np.int64)
+            c = _spgemm(qp, rows[ub].ravel(), x, int(cost[ub].sum()) + 1)
+            if g == 1 and otf is not None:  # add the on-the-fly codes' rows (scipy's sparse sum)
+                c2 = _spgemm(qp, otf_rows[ub].ravel(), otf._extended(), int(cost[ub].sum()) + 1)
+                shape = (nb, n_cols)
+                both = sp.csr_matrix(
+                    sp.csr_matrix(c[::-1], shape=shape) + sp.csr_matrix(c2[::-1], shape=shape)
+                )
+                c = (both.indptr, both.indices, both.data)
+            _topk_from_product(c, bound[ub], depth_needed[ub], hist, ub, k, key_bits, out)
+    return TopK(out.items, out.scores, out.lengths, n_otf)
+
+
+def _topk_from_product(
+    c: tuple[np.ndarray, np.ndarray, np.ndarray],
+    bound: np.ndarray,
+    depth: np.ndarray,
+    hist: sp.csr_matrix,
+    ub: np.ndarray,
+    k: int,
+    key_bits: int,
+    out: TopK,
+) -> None:
+    """Write the top-k of each row of C (users `ub`) into `out`, ranking only entries >= bound[row]."""
+    indptr, indices, data = c
+    nb = len(ub)
+    cand = np.flatnonzero(data >= bound.min())  # one scalar pass over the product, then per row
+    r = (np.searchsorted(indptr, cand, side="right") - 1).astype(np.int64)
+    score = data[cand]
+    ok = score >= bound[r]
+    cand, r, score = cand[ok], r[ok], score[ok]
+    if len(cand) == 0:
+        return
+    item = indices[cand].astype(np.int64)
+    row_bits = max(int(nb - 1).bit_length(), 1)
+    # one int64 sort key: row, then score descending, then item ascending
+    if row_bits + 31 + key_bits <= _KEY_BITS:
+        inv = 0x7FFFFFFF - score.view(np.int32).astype(np.int64)  # scores > 0: bit order = value order
+        key = np.sort((r << (31 + key_bits)) | (inv << key_bits) | item)
+        r = key >> (31 + key_bits)
+        item = key & ((1 << key_bits) - 1)
+        score = (0x7FFFFFFF - ((key >> key_bits) & 0x7FFFFFFF)).astype(np.int32).view(np.float32)
+    else:  # very many items or users per batch: the same order by a three-key sort
+        order = np.lexsort((item, -score, r))
+        r, item, score = r[order], item[order], score[order]
+    starts = np.searchsorted(r, np.arange(nb + 1))
+    rank = np.arange(len(r), dtype=np.int64) - starts[r]
+    keep = rank < depth[r]  # at most |history| of these can be masked
+    r, item, score = r[keep], item[keep], score[keep]
+    n_cols = hist.shape[1]
+    hkeys = _history_keys(hist, ub, n_cols)
+    if len(hkeys):
+        ok = ~_in_sorted(r * n_cols + item, hkeys)
+        r, item, score = r[ok], item[ok], score[ok]
+    starts = np.searchsorted(r, np.arange(nb + 1))
+    rank = np.arange(len(r), dtype=np.int64) - starts[r]
+    keep = rank < k
+    r, item, score, rank = r[keep], item[keep], score[keep], rank[keep]
+    dest = ub[r]
+    out.items[dest, rank] = item
+    out.scores[dest, rank] = score
+    out.lengths[ub] = np.minimum(np.diff(starts), k)
+
+
+# ------------------------------------------------------------------------------------------- dense reference
+def topk_dense(
+    scores: np.ndarray,
+    history: History,
+    k: int,
+    exclude_nonpositive: bool,
+    *,
+    chunk_elems: int = 1 << 22,
+) -> TopK:
+    """Top-k of a dense (U, n_items + 1) score array with the same rules as `retrieve`.
+
+    Column 0 and history items are never returned, nor NaN; with `exclude_nonpositive` (SparCode) neither
+    is a score <= 0. Ties: (score descending, item id ascending). Works in row chunks of `chunk_elems`.
+    Ranking uses the input dtype; the returned scores are float32.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError("scores must be (U, n_items + 1)")
+    n_users, n_cols = scores.shape
+    k = int(k)
+    out = TopK.empty(n_users, max(k, 0))
+    if n_users == 0 or k <= 0 or n_cols <= 1:
+        return out
+    hist = history_csr(history, n_users, n_cols)
+    ke = min(k, n_cols)
+    step = max(1, chunk_elems // n_cols)
+    for s in range(0, n_users, step):
+        e = min(n_users, s + step)
+        blk = np.array(scores[s:e], dtype=np.result_type(scores.dtype, np.float32), copy=True)
+        blk[:, 0] = -np.inf
+        h = hist[s:e]
+        blk[np.repeat(np.arange(e - s), np.diff(h.indptr)), h.indices] = -np.inf
+        bad = np.isnan(blk)
+        if exclude_nonpositive:
+            bad |= blk <= 0
+        blk[bad] = -np.inf
+        kth = -np.partition(-blk, ke - 1, axis=1)[:, ke - 1]
+        valid = blk > -np.inf
+        above = blk > kth[:, None]
+        eq = (blk == kth[:, None]) & valid
+        need = ke - above.sum(axis=1)
+        sel = above | (eq & (np.cumsum(eq, axis=1, dtype=np.int32) <= need[:, None]))
+        r, c = np.nonzero(sel)
+        v = blk[r, c]
+        order = np.lexsort((c, -v, r))
+        r, c, v = r[order], c[order], v[order]
+        starts = np.searchsorted(r, np.arange(e - s + 1))
+        rank = np.arange(len(r)) - starts[r]
+        out.items[s + r, rank] = c
+        out.scores[s + r, rank] = v.astype(np.float32)
+        out.lengths[s:e] = np.diff(starts)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- overlap
+def overlap_at_k(a: TopK, b: TopK, k: int, *, per_user: bool = False) -> float | np.ndarray:
+    """Agreement of `a` with the reference `b` at depth k (faiss contrib `knn_intersection` style).
+
+    Per user: A = a's first min(k, len) items, B = b's; overlap = |A ∩ B| / |B|, and when B is empty, 1.0 if
+    A is empty too else 0.0. Returned: the mean over users (1.0 for no users), or the per-user array.
+    Identical lists give exactly 1.0; it does not look at order within the top k.
+    """
+    if a.n_users != b.n_users:
+        raise ValueError(f"overlap of {a.n_users} vs {b.n_users} users")
+    n = a.n_users
+    k = int(k)
+    la = np.minimum(a.lengths, min(k, a.k))
+    lb = np.minimum(b.lengths, min(k, b.k))
+    users = np.arange(n, dtype=np.int64)
+    ma = np.arange(a.k)[None, :] < la[:, None]
+    mb = np.arange(b.k)[None, :] < lb[:, None]
+    ka = (users[:, None] << 32 | a.items)[ma]
+    kb = np.sort((users[:, None] << 32 | b.items)[mb])
+    hits = np.bincount((ka >> 32)[_in_sorted(ka, kb)], minlength=n).astype(np.float64)
+    per = np.where(lb > 0, hits / np.maximum(lb, 1), (la == 0).astype(np.float64))
+    if per_user:
+        return per
+    return float(per.mean()) if n else 1.0

@@ -1,0 +1,348 @@
+"""The code -> item index: build, save/load, and sparse top-k retrieval against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparcode_cli.data.dataset import Ragged
+from sparcode_cli.errors import UserError
+from sparcode_cli.retrieval.sparse_index import (
+    INDEX_FILE,
+    CodeIndex,
+    CSRBuilder,
+    TopK,
+    build_csr_from_chunks,
+    estimate_bytes,
+    overlap_at_k,
+    prune,
+    retrieve,
+    topk_dense,
+)
+
+
+def dyadic_table(rng: np.random.Generator, n_codes: int, n_items: int, density: float) -> np.ndarray:
+    """Dense (n_codes, n_items + 1) float32 scores: multiples of 1/8 (sums are exact in any order, many ties),
+    about `density` of them > 0, the rest <= 0; column 0 (padding) is also filled, and must be ignored."""
+    pos = rng.random((n_codes, n_items + 1)) < density
+    vals = rng.integers(1, 17, size=pos.shape) / 8.0
+    return np.where(pos, vals, -rng.integers(0, 9, size=pos.shape) / 8.0).astype(np.float32)
+
+
+def capped(table: np.ndarray, cap: int | None) -> np.ndarray:
+    """The table the index stores, by brute force: > 0, no column 0, best `cap` per row (score desc, id asc)."""
+    t = np.where(table > 0, table, 0).astype(np.float32)
+    t[:, 0] = 0
+    if cap is not None:
+        for r in range(t.shape[0]):
+            nz = np.flatnonzero(t[r])
+            order = nz[np.lexsort((nz, -t[r, nz]))]
+            t[r, order[cap:]] = 0
+    return t
+
+
+def build(table: np.ndarray, codes: np.ndarray, cap: int | None = None, chunk: int = 7) -> CodeIndex:
+    b = CSRBuilder(table.shape[1] - 1, max_per_code=cap)
+    for s in range(0, len(codes), chunk):
+        b.add(codes[s : s + chunk], table[codes[s : s + chunk]])
+    return b.finish()
+
+
+def dense_scores(stored: np.ndarray, user_codes: np.ndarray) -> np.ndarray:
+    """Brute force: each user's score row is the sum of its codes' stored rows (a repeat counts twice)."""
+    return stored[user_codes].sum(axis=1)
+
+
+def random_history(rng: np.random.Generator, n_users: int, n_items: int, max_len: int) -> Ragged:
+    return Ragged.from_lists(
+        [
+            rng.choice(np.arange(1, n_items + 1), size=rng.integers(0, max_len + 1), replace=False)
+            for _ in range(n_users)
+        ]
+    )
+
+
+def assert_same(a: TopK, b: TopK) -> None:
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_retrieve_equals_dense_topk(seed: int, k: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_codes, n_items, n_users = 30, 120, 60
+    table = dyadic_table(rng, n_codes, n_items, density=0.15)
+    index = build(table, np.arange(n_codes))
+    user_codes = rng.integers(0, n_codes, size=(n_users, 3))
+    hist = random_history(rng, n_users, n_items, max_len=30)
+    got = retrieve(index, user_codes, hist, k)
+    want = topk_dense(dense_scores(capped(table, None), user_codes), hist, k, exclude_nonpositive=True)
+    assert_same(got, want)
+    assert got.n_on_the_fly_users == 0
+    # tiny product batches (one user each) give the same answer
+    assert_same(retrieve(index, user_codes, hist, k, batch_entries=1), want)
+
+
+def test_ties_break_by_smaller_item_id() -> None:
+    # items 3, 5, 9 and 2 all score 1.0; item 7 scores 2.0
+    table = np.zeros((1, 11), dtype=np.float32)
+    table[0, [9, 3, 5, 2]] = 1.0
+    table[0, 7] = 2.0
+    index = build(table, np.array([0]))
+    top = retrieve(index, np.array([[0]]), None, k=3)
+    np.testing.assert_array_equal(top.items[0], [7, 2, 3])
+    np.testing.assert_array_equal(top.scores[0], [2.0, 1.0, 1.0])
+    top = retrieve(index, np.array([[0]]), Ragged.from_lists([[2]]), k=3)
+    np.testing.assert_array_equal(top.items[0], [7, 3, 5])
+
+
+def test_short_and_empty_rows_give_shorter_lists() -> None:
+    table = np.zeros((3, 21), dtype=np.float32)
+    table[0, [4, 6]] = [0.5, 0.25]  # two non-zeros
+    table[2, 1:] = -1.0  # nothing positive: an empty row
+    index = build(table, np.array([0, 1, 2]))
+    top = retrieve(index, np.array([[0, 1], [1, 2], [0, 0]]), None, k=5)
+    np.testing.assert_array_equal(top.lengths, [2, 0, 2])
+    np.testing.assert_array_equal(top.items[0], [4, 6, 0, 0, 0])
+    assert np.isneginf(top.scores[0, 2:]).all()
+    assert (top.items[1] == 0).all() and np.isneginf(top.scores[1]).all()
+    np.testing.assert_array_equal(top.scores[2, :2], [1.0, 0.5])  # code 0 twice: every score doubles
+
+
+def test_history_is_masked_csr_or_ragged() -> None:
+    rng = np.random.default_rng(5)
+    table = dyadic_table(rng, 10, 50, density=0.5)
+    index = build(table, np.arange(10))
+    user_codes = rng.integers(0, 10, size=(20, 2))
+    hist = random_history(rng, 20, 50, max_len=45)  # some users have most items masked
+    a = retrieve(index, user_codes, hist, k=10)
+    b = retrieve(index, user_codes, hist.to_csr(51), k=10)
+    assert_same(a, b)
+    for u in range(20):
+        assert not set(a.row(u)[0]) & set(hist.row(u))
+    assert_same(
+        a, topk_dense(dense_scores(capped(table, None), user_codes), hist, 10, exclude_nonpositive=True)
+    )
+
+
+def test_long_histories_beyond_the_bound_table() -> None:
+    rng = np.random.default_rng(11)
+    n_items = 5000
+    table = dyadic_table(rng, 6, n_items, density=0.9)
+    index = build(table, np.arange(6), chunk=6)
+    user_codes = rng.integers(0, 6, size=(4, 2))
+    hist = Ragged.from_lists([np.arange(1, 4500), np.arange(2, 200), [], np.arange(1, n_items + 1)])
+    got = retrieve(index, user_codes, hist, k=7)
+    assert_same(
+        got, topk_dense(dense_scores(capped(table, None), user_codes), hist, 7, exclude_nonpositive=True)
+    )
+    assert got.lengths[3] == 0
+
+
+def test_repeated_codes_count_twice() -> None:
+    table = np.zeros((2, 6), dtype=np.float32)
+    table[0, 1] = 1.0
+    table[1, 2] = 1.5
+    index = build(table, np.array([0, 1]))
+    top = retrieve(index, np.array([[0, 0, 1], [0, 1, 1]]), None, k=2)
+    np.testing.assert_array_equal(top.items, [[1, 2], [2, 1]])
+    np.testing.assert_array_equal(top.scores, [[2.0, 1.5], [3.0, 1.0]])
+
+
+def test_codes_missing_from_the_index_are_scored_on_the_fly() -> None:
+    rng = np.random.default_rng(3)
+    n_universe, n_items = 40, 80
+    table = dyadic_table(rng, n_universe, n_items, density=0.2)
+    built = np.sort(rng.choice(n_universe, size=15, replace=False))
+    index = build(table, built, cap=None)
+    missing = np.setdiff1d(np.arange(n_universe), built)
+    user_codes = np.concatenate(
+        [
+            rng.choice(built, size=(10, 3)),  # all built
+            rng.choice(missing, size=(5, 3)),  # all missing
+            np.stack([rng.choice(built, 6), rng.choice(missing, 6), rng.choice(built, 6)], axis=1),
+        ]
+    )
+    calls: list[np.ndarray] = []
+
+    def score_codes(codes: np.ndarray) -> np.ndarray:
+        calls.append(codes.copy())
+        return table[codes]  # raw model scores: negatives and column 0 included, the index rules apply
+
+    hist = random_history(rng, len(user_codes), n_items, max_len=10)
+    got = retrieve(index, user_codes, hist, 12, on_the_fly=score_codes)
+    want = topk_dense(dense_scores(capped(table, None), user_codes), hist, 12, exclude_nonpositive=True)
+    assert_same(got, want)
+    assert got.n_on_the_fly_users == 11
+    asked = np.concatenate(calls)
+    assert set(asked) <= set(missing) and len(asked) == len(np.unique(asked))
+    with pytest.raises(ValueError, match="on_the_fly"):
+        retrieve(index, user_codes, hist, 12)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 10])
+def test_max_per_code_equals_the_capped_dense_table(cap: int) -> None:
+    rng = np.random.default_rng(cap)
+    n_codes, n_items = 25, 60
+    table = dyadic_table(rng, n_codes, n_items, density=0.4)
+    stored = capped(table, cap)
+    built = np.arange(0, n_codes, 2)
+    index = build(table, built, cap=cap)
+    np.testing.assert_array_equal(index.matrix.toarray(), stored[built])
+    assert index.max_per_code == cap
+    user_codes = rng.integers(0, n_codes, size=(30, 4))  # odd codes are missing: on the fly, capped the same
+    hist = random_history(rng, 30, n_items, max_len=8)
+    got = retrieve(index, user_codes, hist, 6, on_the_fly=lambda c: table[c])
+    assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, 6, exclude_nonpositive=True))
+
+
+def test_chunked_build_equals_one_shot_and_any_chunk_order() -> None:
+    rng = np.random.default_rng(8)
+    table = dyadic_table(rng, 33, 70, density=0.3)
+    codes = np.arange(100, 133)
+    one = build_csr_from_chunks([(codes, table)], 70)
+    assert one.matrix.indices.dtype == np.int32 and one.matrix.data.dtype == np.float32
+    np.testing.assert_array_equal(one.code_ids, codes)
+    np.testing.assert_array_equal(one.matrix.toarray(), capped(table, None))
+    perm = rng.permutation(33)
+    shuffled = build_csr_from_chunks(
+        [(codes[perm[s : s + 5]], table[perm[s : s + 5]]) for s in range(0, 33, 5)], 70
+    )
+    np.testing.assert_array_equal(shuffled.code_ids, one.code_ids)
+    assert (shuffled.matrix != one.matrix).nnz == 0
+    assert shuffled.matrix.has_canonical_format
+    assert one.nnz == int((capped(table, None) > 0).sum())
+    assert one.density == pytest.approx(one.nnz / (33 * 70))
+    m = one.matrix
+    assert one.nbytes == m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + one.code_ids.nbytes
+    with pytest.raises(ValueError, match="twice"):
+        build_csr_from_chunks([(codes[:3], table[:3]), (codes[2:4], table[2:4])], 70)
+
+
+def test_row_of() -> None:
+    index = build(np.ones((4, 5), dtype=np.float32), np.array([0, 1, 2, 3]))
+    index = CodeIndex(index.matrix, np.array([3, 10, 11, 40]))
+    rows, found = index.row_of(np.array([[10, 4], [40, 3]]))
+    np.testing.assert_array_equal(rows, [[1, -1], [3, 0]])
+    np.testing.assert_array_equal(found, [[True, False], [True, True]])
+
+
+def test_save_load_roundtrip(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    table = dyadic_table(rng, 40, 40, density=0.3)
+    index = build(table, np.arange(0, 40, 2), cap=5)
+    index.save(tmp_path)
+    loaded = CodeIndex.load(tmp_path)
+    np.testing.assert_array_equal(loaded.code_ids, index.code_ids)
+    assert loaded.max_per_code == 5 and (loaded.matrix != index.matrix).nnz == 0
+    user_codes = rng.choice(index.code_ids, size=(15, 3))
+    hist = random_history(rng, 15, 40, 6)
+    assert_same(retrieve(loaded, user_codes, hist, 8), retrieve(index, user_codes, hist, 8))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
+
+
+def test_truncated_or_missing_index_is_a_user_error(tmp_path) -> None:
+    index = build(np.ones((3, 9), dtype=np.float32), np.arange(3))
+    index.save(tmp_path)
+    raw = (tmp_path / INDEX_FILE).read_bytes()
+    (tmp_path / INDEX_FILE).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="index.npz.*truncated or corrupt") as e:
+        CodeIndex.load(tmp_path)
+    assert "sparcode index" in str(e.value)
+    (tmp_path / INDEX_FILE).write_bytes(b"not a zip file at all")
+    with pytest.raises(UserError, match="index.npz"):
+        CodeIndex.load(tmp_path)
+    (tmp_path / INDEX_FILE).unlink()
+    with pytest.raises(UserError, match="index.npz is missing"):
+        CodeIndex.load(tmp_path)
+    with pytest.raises(UserError, match="missing"):
+        CodeIndex.load(tmp_path / "nowhere")
+
+
+def test_index_and_codes_file_mismatch_is_a_user_error(tmp_path) -> None:
+    build(np.ones((3, 9), dtype=np.float32), np.arange(3)).save(tmp_path / "a")
+    build(np.ones((4, 9), dtype=np.float32), np.arange(4)).save(tmp_path / "b")
+    (tmp_path / "a" / INDEX_FILE).write_bytes((tmp_path / "b" / INDEX_FILE).read_bytes())
+    with pytest.raises(UserError, match="inconsistent"):
+        CodeIndex.load(tmp_path / "a")
+
+
+def test_prune_equals_a_build_with_the_shifted_scores() -> None:
+    rng = np.random.default_rng(9)
+    table = dyadic_table(rng, 12, 30, density=0.6)
+    index = build(table, np.arange(12))
+    got = prune(index, shift=0.5, max_per_code=4)
+    want = build(table - np.float32(0.5), np.arange(12), cap=4)
+    assert got.max_per_code == 4
+    np.testing.assert_array_equal(got.matrix.toarray(), want.matrix.toarray())
+    with pytest.raises(ValueError):
+        prune(index, shift=-1.0)
+
+
+def test_estimate_bytes() -> None:
+    small = estimate_bytes(4096, 40981, 0.05)
+    nnz = 4096 * 40981 * 0.05
+    assert 2 * nnz * 8 <= small <= 2 * nnz * 8 + 4096 * 100
+    assert estimate_bytes(4096, 40981, 0.05, max_per_code=100) < small
+    assert estimate_bytes(10, 10, 0.5, chunk_rows=2) == estimate_bytes(10, 10, 0.5) + 2 * 11 * 4
+
+
+def test_topk_dense_rules() -> None:
+    scores = np.array(
+        [[9.0, -1.0, 3.0, 3.0, 0.0, 2.0], [9.0, np.nan, -2.0, -2.0, -5.0, 0.0]], dtype=np.float32
+    )
+    hist = Ragged.from_lists([[5], []])
+    top = topk_dense(scores, hist, 4, exclude_nonpositive=False)
+    np.testing.assert_array_equal(top.items, [[2, 3, 4, 1], [5, 2, 3, 4]])  # column 0 never; NaN never
+    top = topk_dense(scores, hist, 4, exclude_nonpositive=True)
+    np.testing.assert_array_equal(top.lengths, [2, 0])
+    np.testing.assert_array_equal(top.items[0], [2, 3, 0, 0])
+    top = topk_dense(scores, None, 10, exclude_nonpositive=False)
+    np.testing.assert_array_equal(top.lengths, [5, 4])
+
+
+def test_overlap_at_k() -> None:
+    def tk(rows: list[list[int]], k: int) -> TopK:
+        t = TopK.empty(len(rows), k)
+        for u, r in enumerate(rows):
+            t.items[u, : len(r)] = r
+            t.scores[u, : len(r)] = np.arange(len(r), 0, -1)
+            t.lengths[u] = len(r)
+        return t
+
+    a = tk([[1, 2, 3], [4, 5], [], [7]], 3)
+    assert overlap_at_k(a, a, 3) == 1.0
+    b = tk([[3, 2, 9], [6], [], []], 3)
+    np.testing.assert_allclose(overlap_at_k(a, b, 3, per_user=True), [2 / 3, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(overlap_at_k(a, b, 1, per_user=True), [0.0, 0.0, 1.0, 0.0])
+    assert overlap_at_k(a, b, 3) == pytest.approx((2 / 3 + 1) / 4)
+    np.testing.assert_allclose(a.to_ragged().values, [1, 2, 3, 4, 5, 7])
+
+
+def test_pruning_bound_is_exact_on_long_rows_with_many_ties() -> None:
+    # rows of ~600 entries with 16 distinct values: the lower bound prunes most entries and lands on ties
+    rng = np.random.default_rng(21)
+    n_codes, n_items, n_users = 40, 2000, 50
+    table = dyadic_table(rng, n_codes, n_items, density=0.3)
+    index = build(table, np.arange(n_codes), chunk=16)
+    user_codes = rng.integers(0, n_codes, size=(n_users, 4))
+    hist = random_history(rng, n_users, n_items, max_len=60)
+    stored = capped(table, None)
+    for k in (1, 20, 3000):
+        got = retrieve(index, user_codes, hist, k, batch_entries=5000)
+        assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, k, exclude_nonpositive=True))
+
+
+def test_three_key_sort_fallback_gives_the_same_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sparcode_cli.retrieval.sparse_index as si
+
+    rng = np.random.default_rng(12)
+    table = dyadic_table(rng, 20, 300, density=0.3)
+    index = build(table, np.arange(20))
+    user_codes = rng.integers(0, 20, size=(30, 3))
+    hist = random_history(rng, 30, 300, max_len=20)
+    want = retrieve(index, user_codes, hist, 9)
+    monkeypatch.setattr(si, "_KEY_BITS", 0)
+    assert_same(retrieve(index, user_codes, hist, 9), want)
