@@ -1,0 +1,207 @@
+"""Product quantizer with EMA codebooks (SparCode's user-side discretiser, DESIGN §2 step 2).
+
+A token z in R^D is cut into M chunks of D/M; chunk m is replaced by its nearest codeword (squared L2) in
+codebook m of N codewords. The codebooks are shared by all of a user's K_u tokens. A token's code is the
+tuple (j_1..j_M), its id sum_m j_m * N^(M-1-m) in [0, N^M) (`ids_from_tuples` / `tuples_from_ids`).
+
+Learning: gradients reach the tokenizer through the straight-through estimator z + sg(ẑ - z); the commitment
+loss beta * mean((z - sg(ẑ))^2) pulls tokens toward their codewords (a mean over tokens and dimensions, the
+VQ-VAE convention); the codewords themselves are not trained by the optimiser but by exponential moving
+averages (decay 0.99) of assignment counts and assigned sums, with Laplace smoothing (eps 1e-5).
+
+Dead codes: after each training update, a codeword whose EMA count is below
+`dead_threshold * (tokens in the batch / N)` (the per-batch expectation of a uniformly used code) is
+restarted from a random input chunk of the current batch. With batch 256, K_u 4, N 64 the expectation is
+16 per code, and the default dead_threshold 0.0625 makes an EMA count below 1 dead. A restarted code gets
+the expected count, so it has ~ln(1/dead_threshold)/(1 - decay) steps to attract inputs before it can die
+again.
+
+Initialisation: before the first training batch, codebooks come from k-means of that batch's chunks
+(`kmeans_iters` > 0) or from random batch chunks (`kmeans_iters` = 0); `init_from(vectors)` does the same
+from given tokens (the two-tower warm start). The flag is a buffer, so a loaded checkpoint never re-inits.
+
+Everything that changes a codebook (EMA, restarts, init) happens only in training mode; in eval mode
+`forward` is a pure function of the codebooks. Usage counters (codes in use, perplexity, distinct tuples,
+restarts) are plain attributes, not saved, and are reset by `usage_stats()`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ProductQuantizer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_books: int,
+        n_codewords: int,
+        *,
+        beta: float = 0.25,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        dead_threshold: float = 0.0625,
+        kmeans_iters: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dim % n_books:
+            raise ValueError(f"token_dim ({dim}) must be divisible by m ({n_books})")
+        self.dim, self.M, self.N = int(dim), int(n_books), int(n_codewords)
+        self.sub = self.dim // self.M
+        self.beta, self.decay, self.eps = float(beta), float(decay), float(eps)
+        self.dead_threshold, self.kmeans_iters = float(dead_threshold), int(kmeans_iters)
+        g = torch.Generator().manual_seed(seed)
+        init = torch.randn(self.M, self.N, self.sub, generator=g) / math.sqrt(self.sub)
+        self.register_buffer("codebooks", init)  # (M, N, D/M)
+        self.register_buffer("ema_count", torch.zeros(self.M, self.N))
+        self.register_buffer("ema_sum", init.clone())
+        self.register_buffer("initted", torch.tensor(False))
+        self.reset_usage()
+
+    @property
+    def n_codes(self) -> int:
+        return self.N**self.M
+
+    # -- code ids ---------------------------------------------------------------------------------------
+    def ids_from_tuples(self, tuples: Tensor) -> Tensor:
+        """(..., M) codeword indices -> (...) int64 code ids, sum_m j_m * N^(M-1-m)."""
+        ids = torch.zeros(tuples.shape[:-1], dtype=torch.long, device=tuples.device)
+        for m in range(self.M):
+            ids = ids * self.N + tuples[..., m].long()
+        return ids
+
+    def tuples_from_ids(self, ids: Tensor) -> Tensor:
+        """(...) code ids -> (..., M) codeword indices (inverse of `ids_from_tuples`)."""
+        ids = ids.long()
+        out = []
+        for _ in range(self.M):
+            out.append(ids % self.N)
+            ids = torch.div(ids, self.N, rounding_mode="floor")
+        return torch.stack(out[::-1], dim=-1)
+
+    def decode(self, ids: Tensor) -> Tensor:
+        """(...) code ids -> (..., D) quantized vectors ẑ, read from the codebooks."""
+        t = self.tuples_from_ids(ids)
+        return torch.cat([self.codebooks[m][t[..., m]] for m in range(self.M)], dim=-1)
+
+    # -- assignment ---------------------------------------------------------------------------------------
+    def _chunks(self, z: Tensor) -> Tensor:
+        """(T, D) -> (M, T, D/M)."""
+        return z.reshape(-1, self.M, self.sub).transpose(0, 1)
+
+    def assign(self, z: Tensor) -> Tensor:
+        """(..., D) -> (..., M) nearest codeword per chunk (squared L2). Pure: changes nothing."""
+        x = self._chunks(z.detach().reshape(-1, self.dim))  # (M, T, d)
+        cb = self.codebooks
+        # ||x||^2 is constant per row: argmin_j ||c_j||^2 - 2 <x, c_j>
+        d2 = torch.baddbmm((cb * cb).sum(-1).unsqueeze(1), x, cb.transpose(1, 2), alpha=-2.0)  # (M, T, N)
+        return d2.argmin(-1).transpose(0, 1).reshape(*z.shape[:-1], self.M)
+
+    def encode(self, z: Tensor) -> Tensor:
+        """(..., D) tokens -> (...) code ids. Pure: changes nothing."""
+        return self.ids_from_tuples(self.assign(z))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z (..., D) -> (ẑ with straight-through gradient, code ids (...), commitment loss).
+
+        In training mode this also initialises (first call), EMA-updates and restarts the codebooks.
+        """
+        flat = z.reshape(-1, self.dim)
+        if self.training and not bool(self.initted):
+            self.init_from(flat.detach())
+        idx = self.assign(flat)  # (T, M)
+        zq = torch.cat([self.codebooks[m][idx[:, m]] for m in range(self.M)], dim=-1)
+        if self.training:
+            self._ema_update(flat.detach(), idx)
+            self._track(idx)
+        commit = self.beta * F.mse_loss(flat, zq.detach())
+        out = flat + (zq - flat).detach()
+        return out.reshape(z.shape), self.ids_from_tuples(idx).reshape(z.shape[:-1]), commit
+
+    # -- codebook learning (training mode only) -------------------------------------------------------------
+    @torch.no_grad()
+    def init_from(self, vectors: Tensor) -> None:
+        """Codebooks from k-means (or random picks, kmeans_iters = 0) of the chunks of `vectors` (T, D)."""
+        x = self._chunks(vectors.detach().float().reshape(-1, self.dim))  # (M, T, d)
+        t = x.shape[1]
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        for m in range(self.M):
+            pick = torch.randint(t, (self.N,), generator=g).to(x.device)
+            if t >= self.N:
+                pick = torch.randperm(t, generator=g)[: self.N].to(x.device)
+            c = x[m, pick].clone()
+            counts = torch.zeros(self.N, device=x.device)
+            for _ in range(self.kmeans_iters):
+                a = torch.cdist(x[m], c).argmin(-1)
+                counts = torch.bincount(a, minlength=self.N).float()
+                sums = torch.zeros_like(c).index_add_(0, a, x[m])
+                moved = counts > 0
+                c[moved] = sums[moved] / counts[moved].unsqueeze(-1)
+                # an empty cluster takes a random point, so k-means does not hand back dead codes
+                empty = int((~moved).sum())
+                if empty:
+                    c[~moved] = x[m, torch.randint(t, (empty,), generator=g).to(x.device)]
+            self.codebooks[m] = c
+        expected = t / self.N
+        self.ema_count.fill_(expected)
+        self.ema_sum.copy_(self.codebooks * expected)
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: Tensor, idx: Tensor) -> None:
+        x = self._chunks(flat)  # (M, T, d)
+        t = x.shape[1]
+        onehot = F.one_hot(idx.transpose(0, 1), self.N).to(x.dtype)  # (M, T, N)
+        counts = onehot.sum(1)  # (M, N)
+        sums = torch.bmm(onehot.transpose(1, 2), x)  # (M, N, d)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.ema_count.sum(-1, keepdim=True)
+        smoothed = (self.ema_count + self.eps) / (total + self.N * self.eps) * total  # Laplace
+        self.codebooks.copy_(self.ema_sum / smoothed.unsqueeze(-1))
+        # dead-code restart from random current inputs
+        expected = t / self.N
+        dead = self.ema_count < self.dead_threshold * expected  # (M, N)
+        n_dead = int(dead.sum())
+        if n_dead:
+            for m in range(self.M):
+                dm = dead[m].nonzero().squeeze(-1)
+                if len(dm) == 0:
+                    continue
+                pick = torch.randint(t, (len(dm),), device=x.device)
+                self.codebooks[m, dm] = x[m, pick]
+                self.ema_count[m, dm] = expected
+                self.ema_sum[m, dm] = x[m, pick] * expected
+            self.restarts += n_dead
+
+    # -- usage statistics -----------------------------------------------------------------------------------
+    def reset_usage(self) -> None:
+        self.usage = torch.zeros(self.M, self.N, dtype=torch.long)
+        self.seen_ids: set[int] = set()
+        self.restarts = 0
+
+    @torch.no_grad()
+    def _track(self, idx: Tensor) -> None:
+        for m in range(self.M):
+            self.usage[m] += torch.bincount(idx[:, m].cpu(), minlength=self.N)
+        self.seen_ids.update(torch.unique(self.ids_from_tuples(idx)).cpu().tolist())
+
+    def usage_stats(self, reset: bool = True) -> dict[str, Any]:
+        """Codes in use and perplexity per codebook, distinct code tuples and restarts since the last reset."""
+        p = self.usage.double() / self.usage.sum(-1, keepdim=True).clamp(min=1)
+        ent = -(p * p.clamp(min=1e-12).log()).sum(-1)
+        out = {
+            "codes_in_use": [int(v) for v in (self.usage > 0).sum(-1)],
+            "perplexity": [round(float(v), 2) for v in ent.exp()],
+            "distinct_tuples": len(self.seen_ids),
+            "restarts": int(self.restarts),
+        }
+        if reset:
+            self.reset_usage()
+        return out

@@ -1,0 +1,259 @@
+"""SparCode (Su et al., SIGIR 2023): score(u, i) = sum_k ReLU(g(ẑ_k, t(i)) + b), retrievable from a sparse
+code -> item index (DESIGN §2 steps 1-5).
+
+    E_q(q) -> K_u linear heads -> z_1..z_{K_u} in R^D -> product quantizer -> ẑ_k (a code id each)
+    E_i(i) -> K_i linear heads -> t_1..t_{K_i}  in R^D
+    g(ẑ, t(i)) = sum_j <ẑ, t_j>/tau + h(ẑ, t(i))           (models/interaction.py, shared with all-to-all)
+
+Because g sees the user only through the code id, ReLU(g(code, i) + b) is a fixed (n_codes, n_items) table:
+`score_codes` computes its rows (what `sparcode index` stores), `score_all` adds a user's K_u rows (exact
+model scoring, bit for bit what a canonical sparse `Q @ index` product gives). A score of exactly 0 means "not
+retrieved".
+
+Sparsity bias b (a buffer, not a parameter: the loss never moves it). Each training batch measures
+rho_hat, the fraction of positive g + b over the pairs of its codes x `density_items` items drawn uniformly
+(forward only, ~10% of a step), and b_batch, the bias that would have given exactly `target_density` there (a
+quantile of g). Uniform items, because the index density counts every item alike: measured on the shared
+negatives instead (half of them in-batch, i.e. popular, by default), a 5% target gave a 0.5% index. After every optimiser step the controller
+moves b <- b + bias_lr * (b_batch - b). Since b_batch - b ~= -(rho_hat - target) / p(-b), p the density of g
+at the cut, this is the proportional controller b <- b - eta (rho_hat - target) with its gain set by the
+measured slope (a Newton step): it needs no retuning while the scale of g grows. b starts at the first batch's
+b_batch. Training starts dense: the target falls log-linearly from 1 to target_density over `density_warmup`
+steps, so the cross network first learns like all-to-all and the cut then removes the lowest pairs (cut from
+the first step, with g still nearly flat over items, a small model did not learn at all). The loss alone would push all of g up without end (a positive above the cut gains against negatives
+clamped at 0) and win that race against any controller; so the gradient of a uniform shift of g is removed
+(g - (mean(g) - sg(mean(g))), the mean over the batch's negatives' table: zero in value, so the forward stays
+exactly ReLU(g + b)). The level of g is b's job alone.
+
+Quantizer warm-up: for the first `quantize_after` optimiser steps the tokens go to g unquantized (as in
+all-to-all), and the codebooks are then initialised by k-means of that step's tokens. Started from the first
+batch instead, k-means sees the near-identical tokens of an untrained encoder; as the users spread out they
+all fall on a few border codewords, and the rest stay dead until restarted (hundreds of steps at decay 0.99).
+`init_from_run` with queries, or a loaded checkpoint, has initialised codebooks and quantizes from step 0.
+
+Training logits: the forward pass is the exact ReLU (so what is zero in training is absent from the index).
+For the positives only, the backward pass leaks with slope `leak` annealed linearly to 0 over `leak_steps`
+optimiser steps, so a positive below the cut still gets a gradient early on. No extra output scale is used:
+the dot path is already divided by tau and h's output layer learns its own scale. Optional L1 penalty
+l1 * mean(ReLU(g + b)) over the negatives' table, plus the quantizer's commitment loss, form `aux_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparcode_cli.models.base import DataContext, QueryBatch, TrainOutput
+from sparcode_cli.models.interaction import TokenCross
+from sparcode_cli.models.quantizer import ProductQuantizer
+
+
+class _LeakyCut(torch.autograd.Function):
+    """Forward: exact ReLU. Backward: slope 1 above the cut and `slope` below it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, slope: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return grad * torch.where(x > 0, 1.0, ctx.slope).to(grad.dtype), None
+
+
+def leaky_cut(x: Tensor, slope: float) -> Tensor:
+    return _LeakyCut.apply(x, slope) if slope > 0 else F.relu(x)
+
+
+class SparCode(TokenCross):
+    name = "sparcode"
+    exclude_nonpositive = True  # metrics/retrieval: a score <= 0 is "not retrieved"
+
+    PROBE_CODES, PROBE_ITEMS, PROBE_SEED = 256, 1024, 20231130
+    CODE_BLOCK = 32
+
+    def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
+        super().__init__(cfg, ctx)
+        self.quantizer = ProductQuantizer(
+            self.token_dim,
+            int(cfg.get("m", 2)),
+            int(cfg.get("n_codewords", 64)),
+            beta=float(cfg.get("beta", 0.25)),
+            decay=float(cfg.get("ema_decay", 0.99)),
+            dead_threshold=float(cfg.get("dead_threshold", 0.0625)),
+            kmeans_iters=int(cfg.get("kmeans_iters", 10)),
+        )
+        self.target_density = float(cfg.get("target_density", 0.05))
+        self.density_warmup = int(cfg.get("density_warmup", 300))
+        self.quantize_after = int(cfg.get("quantize_after", 100))
+        self.bias_lr = float(cfg.get("bias_lr", 0.5))
+        self.leak, self.leak_steps = float(cfg.get("leak", 0.1)), int(cfg.get("leak_steps", 2000))
+        self.l1 = float(cfg.get("l1", 0.0))
+        self.density_items = int(cfg.get("density_items", 128))
+        self.register_buffer("bias", torch.tensor(0.0))
+        self.register_buffer("bias_initted", torch.tensor(False))
+        self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
+        self._batch_density: float | None = None  # rho_hat of the last training batch
+        self._batch_bias = 0.0
+        self._density_ema: float | None = None
+
+    @property
+    def n_codes(self) -> int:
+        return self.quantizer.n_codes
+
+    def current_target(self) -> float:
+        """The density the controller aims at now: log-linear from 1 (dense) down to target_density over
+        `density_warmup` steps."""
+        frac = min(1.0, int(self.n_steps) / self.density_warmup) if self.density_warmup > 0 else 1.0
+        return float(self.target_density**frac)
+
+    def leak_slope(self) -> float:
+        if self.leak_steps <= 0:
+            return 0.0
+        return self.leak * max(0.0, 1.0 - int(self.n_steps) / self.leak_steps)
+
+    # -- training -------------------------------------------------------------------------------------
+    def train_output(self, q: QueryBatch, pos: Tensor, neg: Tensor) -> TrainOutput:
+        b_size = len(pos)
+        z = self.user_tokens(q)  # (B, K_u, D)
+        if int(self.n_steps) < self.quantize_after:  # warm-up: unquantized tokens, codebooks untouched
+            zq, commit = z, z.new_zeros(())
+        else:  # the first quantized batch initialises the codebooks (k-means of its tokens)
+            zq, _, commit = self.quantizer(z)
+        c = self.interaction.code_side(zq.reshape(-1, self.token_dim))
+        t = self.tokens_of(torch.cat([pos, neg]))  # one item-tower pass for positives and negatives
+        it = self.interaction.item_side(t)
+        it_pos, it_neg = it[:b_size], it[b_size:]
+        g_neg = self.interaction.table(c, it_neg)  # (B*K_u, S): the shared negatives' item side, once
+        g_pos = self.interaction.paired(c.rows(b_size, self.k_u), it_pos)  # (B, K_u)
+        with torch.no_grad():
+            # The controller's measurement: the batch's codes against uniformly drawn items, as the index
+            # density counts them (the shared negatives may be popularity-skewed: in-batch / mixed).
+            probe = torch.randint(1, self.ctx.n_items + 1, (self.density_items,), device=pos.device)
+            g_probe = self.interaction.table(c.detach(), self.interaction.item_side(self.tokens_of(probe)))
+            flat = g_probe.flatten()
+            # the bias that would have given exactly the target density on this batch
+            k = min(flat.numel(), max(1, round((1.0 - self.current_target()) * flat.numel())))
+            self._batch_bias = -float(flat.kthvalue(k).values)
+            if not bool(self.bias_initted):
+                self.bias.fill_(self._batch_bias)
+                self.bias_initted.fill_(True)
+            self._batch_density = float((flat + self.bias > 0).float().mean())
+        # Offset-free gradient: the forward values are exactly g + b, but the gradient of a uniform shift of g
+        # is removed (the batch mean's gradient is subtracted), because that direction belongs to b.
+        shift = g_neg.mean() - g_neg.mean().detach()  # == 0 in value
+        x_neg = g_neg - shift + self.bias
+        x_pos = g_pos - shift + self.bias
+        relu_neg = F.relu(x_neg)
+        neg_logits = relu_neg.reshape(b_size, self.k_u, -1).sum(1)
+        pos_logits = leaky_cut(x_pos, self.leak_slope()).sum(1)
+        aux = commit + (self.l1 * relu_neg.mean() if self.l1 > 0 else 0.0)
+        return TrainOutput(pos_logits, neg_logits, aux)
+
+    def after_step(self) -> None:
+        """The sparsity controller: b <- b + bias_lr * (b_batch - b), see the module docstring."""
+        self.n_steps += 1
+        if self._batch_density is None:
+            return
+        self.bias += self.bias_lr * (self._batch_bias - float(self.bias))
+        rho = self._batch_density
+        self._density_ema = rho if self._density_ema is None else 0.95 * self._density_ema + 0.05 * rho
+        self._batch_density = None
+
+    def epoch_stats(self) -> dict[str, Any]:
+        stats = self.quantizer.usage_stats(reset=True)
+        stats["bias"] = round(float(self.bias), 4)
+        stats["train_density"] = None if self._density_ema is None else round(self._density_ema, 4)
+        stats["probe_density"] = round(self.probe_density(), 4)
+        stats["target"] = round(self.current_target(), 4)
+        stats["leak_slope"] = round(self.leak_slope(), 4)
+        return stats
+
+    @torch.no_grad()
+    def probe_density(self) -> float:
+        """Density of ReLU(g + b) on a fixed probe of (code, item) pairs (fixed seed, uniform codes and items)."""
+        g = torch.Generator().manual_seed(self.PROBE_SEED)
+        codes = torch.randint(self.n_codes, (self.PROBE_CODES,), generator=g)
+        items = torch.randint(
+            1, self.ctx.n_items + 1, (min(self.PROBE_ITEMS, self.ctx.n_items),), generator=g
+        )
+        was = self.training
+        self.eval()
+        try:
+            dev = self.bias.device
+            return float((self.score_codes(codes.to(dev), items.to(dev)) > 0).float().mean())
+        finally:
+            self.train(was)
+
+    # -- codes and the code x item table ------------------------------------------------------------------
+    @torch.no_grad()
+    def codes(self, q: QueryBatch) -> Tensor:
+        """(B, K_u) int64 code ids in [0, N^M) of each query's tokens. Never changes a codebook."""
+        return self.quantizer.encode(self.user_tokens(q))
+
+    @torch.no_grad()
+    def score_codes(self, code_ids: Tensor, items: Tensor | None = None) -> Tensor:
+        """ReLU(g(ẑ(code), t(i)) + b) for the given code ids (n_codes,).
+
+        items None: every item, (n_codes, n_items + 1) with column 0 = 0 (padding); else the given item ids,
+        (n_codes, len(items)). Works in chunks of codes with bounded memory; item tokens are cached in eval.
+        """
+        ids = code_ids.reshape(-1)
+        if items is not None:
+            side = self.interaction.item_side(self.tokens_of(items.reshape(-1)))
+            return F.relu(self.interaction.table_chunked(self.quantizer.decode(ids), side) + self.bias)
+        _, side = self._all_items()
+        # Fixed blocks of CODE_BLOCK codes (the last one padded by repetition): every row goes through
+        # matrix products of one shape, so a code's row is bit-identical however the caller chunks code ids
+        # (BLAS takes other paths, with other rounding, for very few rows).
+        n = len(ids)
+        pad = (-n) % self.CODE_BLOCK
+        if pad:
+            ids = torch.cat([ids, ids[-1:].expand(pad)]) if n else ids.new_zeros(self.CODE_BLOCK)
+        z = self.quantizer.decode(ids)
+        out = torch.cat(
+            [
+                self.interaction.table(self.interaction.code_side(z[s : s + self.CODE_BLOCK]), side)
+                for s in range(0, len(z), self.CODE_BLOCK)
+            ]
+        )[:n]
+        out = F.relu(out + self.bias)
+        out[:, 0] = 0.0
+        return out
+
+    @torch.no_grad()
+    def score_all(self, q: QueryBatch) -> Tensor:
+        """Exact model scores (B, n_items + 1), column 0 = -inf: the sum of the score_codes rows of each user's
+        K_u codes, accumulated in ascending code-id order (count x row for a repeated code), as a canonical
+        CSR `Q @ index` product does, so the index reproduces these numbers exactly."""
+        codes = self.codes(q)  # (B, K_u)
+        uniq, inv = torch.unique(codes, return_inverse=True)  # uniq sorted
+        rows = self.score_codes(uniq)  # (U, n_items + 1)
+        srt = inv.sort(dim=1).values
+        out = torch.zeros(len(codes), rows.shape[1], dtype=rows.dtype, device=rows.device)
+        for p in range(self.k_u):
+            col = srt[:, p]
+            first = torch.ones_like(col, dtype=torch.bool) if p == 0 else col != srt[:, p - 1]
+            count = (srt == col.unsqueeze(1)).sum(1).to(rows.dtype)
+            out += torch.where(first.unsqueeze(1), count.unsqueeze(1) * rows[col], 0.0)
+        out[:, 0] = float("-inf")
+        return out
+
+    # -- warm start -------------------------------------------------------------------------------------------
+    def init_from_run(self, ckpt: dict[str, Any], queries: QueryBatch | None = None) -> None:
+        """Warm start from a trained two-tower checkpoint: encoders copied, token heads = identity (+ noise), so
+        the tokens start as the two-tower vectors; codebooks from k-means of those user tokens, now when
+        `queries` are given, else on the first training batch; the bias is re-initialised the same way."""
+        self._copy_two_tower(ckpt)
+        self.quantizer.initted.fill_(False)
+        self.bias_initted.fill_(False)
+        self.n_steps.zero_()
+        if queries is not None:
+            with torch.no_grad():
+                self.quantizer.init_from(self.user_tokens(queries).reshape(-1, self.token_dim))
+            self.quantize_after = 0

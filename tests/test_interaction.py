@@ -1,0 +1,181 @@
+"""The interaction g (models/interaction.py) and the exactness of SparCode's code x item table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparcode_cli.config import load_config
+from sparcode_cli.models import attach_features, build_model
+from sparcode_cli.models.base import DataContext
+from sparcode_cli.models.interaction import Interaction
+from sparcode_cli.training.sampler import Sampler, last_items, query_batch
+from tests.synthetic import checkerboard
+
+SMALL = ["model.dim=16", "model.emb_dim=16", "model.hidden=32", "model.max_history=8", "model.token_dim=8", "model.dropout=0.0",
+         "model.interaction_hidden=16"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model(name: str, *extra: str) -> Any:
+    ds = checkerboard()
+    torch.manual_seed(0)
+    cfg = load_config(name, overrides=[*SMALL, *extra])
+    model = build_model(name, cfg["model"], DataContext.from_dataset(ds))
+    attach_features(model, ds.features)
+    return model, ds
+
+
+def concat_mlp_reference(g: Interaction, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """h as the unsplit MLP on [z; t_j] per (code, item, j), summed over j, plus the dot path."""
+    first = torch.nn.Linear(2 * g.dim, g.hidden)
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([g.code_proj.weight, g.item_proj.weight], dim=1))
+        first.bias.copy_(g.item_proj.bias)
+    c, n, k = z.shape[0], t.shape[0], t.shape[1]
+    pairs = torch.cat([z[:, None, None, :].expand(c, n, k, -1), t[None].expand(c, n, k, -1)], dim=-1)
+    x = F.relu(first(pairs))
+    for layer in g.deep:
+        x = F.relu(layer(x))
+    h = g.out(x).squeeze(-1).sum(-1)
+    return h + torch.einsum("cd,nkd->cn", z, t) / g.tau
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_split_first_layer_equals_the_concatenation_mlp(layers: int) -> None:
+    torch.manual_seed(0)
+    g = Interaction(6, "mlp", 12, layers, tau=0.5)
+    torch.nn.init.normal_(g.out.weight)
+    z, t = torch.randn(7, 6), torch.randn(11, 3, 6)
+    got = g.table(g.code_side(z), g.item_side(t))
+    torch.testing.assert_close(got, concat_mlp_reference(g, z, t), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_its_per_pair_definition() -> None:
+    torch.manual_seed(0)
+    g = Interaction(6, "attention", 12, 1, tau=0.5)
+    torch.nn.init.normal_(g.out.weight)
+    z, t = torch.randn(5, 6), torch.randn(9, 2, 6)
+    got = g.table(g.code_side(z), g.item_side(t))
+    for c in range(5):
+        for i in range(9):
+            q = g.code_proj(z[c]) / np.sqrt(12)
+            alpha = (g.item_proj(t[i]) @ q).softmax(0)
+            o = alpha @ g.value_proj(t[i])
+            ref = g.out(F.relu(o + g.code_skip(z[c]))).squeeze() + (z[c] * t[i].sum(0)).sum() / g.tau
+            torch.testing.assert_close(got[c, i], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, layers", [("mlp", 1), ("mlp", 2), ("attention", 1)])
+def test_table_in_chunks_equals_per_pair(kind: str, layers: int) -> None:
+    torch.manual_seed(0)
+    g = Interaction(8, kind, 16, layers, tau=0.2)
+    torch.nn.init.normal_(g.out.weight)
+    z, t = torch.randn(23, 8), torch.randn(31, 2, 8)
+    side = g.item_side(t)
+    full = g.table(g.code_side(z), side)
+    torch.testing.assert_close(g.table_chunked(z, side, max_elems=200), full)
+    # paired: code rows (B, K) against one item per row, what training uses for the positives
+    items = torch.randint(31, (23,))
+    paired = g.paired(g.code_side(z).rows(23, 1), side[items])[:, 0]
+    torch.testing.assert_close(paired, full[torch.arange(23), items], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backward_matches_autograd() -> None:
+    torch.manual_seed(0)
+    g = Interaction(8, "mlp", 16, 1, tau=0.2)
+    torch.nn.init.normal_(g.out.weight)
+    z = torch.randn(40, 8, requires_grad=True)
+    t = torch.randn(300, 2, 8, requires_grad=True)
+    gy = torch.randn(40, 300)
+    params = [z, t, *g.parameters()]
+    fused = torch.autograd.grad((g.table(g.code_side(z), g.item_side(t)) * gy).sum(), params)
+    c, it = g.code_side(z), g.item_side(t)
+    ref_out = c.z @ it.tsum.T / g.tau + g._mlp_tail(c.a[:, None, None, :] + it.b.unsqueeze(0))
+    ref = torch.autograd.grad((ref_out * gy).sum(), params)
+    for a, b in zip(fused, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _queries(ds: Any, n: int = 24) -> Any:
+    rows = np.arange(n)
+    return query_batch(last_items(ds.valid.query, rows, 8), ds.features.user_feats[ds.valid.users[rows]])
+
+
+def _train_a_little(model: Any, ds: Any, steps: int = 5) -> None:
+    s = Sampler(ds.train, ds.features.user_feats, ds.n_items, ordered=True, max_history=8, batch_size=32,
+                negatives="uniform", n_negatives=16)  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model.train()
+    for i in range(steps):
+        b = s.batch(0, i)
+        out = model.train_output(b.query, b.pos, b.neg)
+        (out.neg_logits.mean() - out.pos_logits.mean() + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_step()
+    model.eval()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_score_all_is_the_sum_of_the_users_code_rows(kind: str) -> None:
+    model, ds = small_model(
+        "sparcode",
+        f"model.interaction={kind}",
+        "model.target_density=0.1",
+        "model.density_warmup=0",
+        "model.n_codewords=8",
+    )
+    _train_a_little(model, ds)
+    q = _queries(ds)
+    with torch.inference_mode():
+        # put the cut inside the users' own rows (a tiny model's users all share a few codes)
+        _, side = model._all_items()
+        z = model.quantizer.decode(torch.unique(model.codes(q)))
+        g = model.interaction.table(model.interaction.code_side(z), side)[:, 1:]
+        model.bias.fill_(-float(g.quantile(0.9)))
+        scores = model.score_all(q)
+        codes = model.codes(q)
+        assert codes.shape == (24, model.k_u) and int(codes.max()) < model.n_codes
+        uniq = torch.unique(codes)
+        rows = model.score_codes(uniq)
+        assert rows.shape == (len(uniq), ds.n_items + 1) and (rows[:, 0] == 0).all() and (rows >= 0).all()
+        expect = torch.zeros_like(scores)
+        for u in range(24):
+            for c in sorted(codes[u].tolist()):  # ascending code id, as a CSR Q @ index accumulates
+                expect[u] += rows[int((uniq == c).nonzero())]
+        expect[:, 0] = float("-inf")
+        assert torch.equal(scores, expect)  # bit for bit: the index reproduces exact scoring
+        assert (scores[:, 1:] > 0).any() and (scores[:, 1:] == 0).any()
+        # a code's row does not depend on how the caller chunks code ids
+        one_by_one = torch.cat([model.score_codes(uniq[i : i + 1]) for i in range(len(uniq))])
+        assert torch.equal(one_by_one, rows)
+        # a subset of items gives the same values (up to rounding)
+        items = torch.tensor([3, 1, 7, 50])
+        torch.testing.assert_close(model.score_codes(uniq, items), rows[:, items])
+
+
+def test_all_to_all_score_all_is_the_sum_over_tokens() -> None:
+    model, ds = small_model("all-to-all")
+    _train_a_little(model, ds)
+    q = _queries(ds, 6)
+    with torch.inference_mode():
+        scores = model.score_all(q)
+        z = model.user_tokens(q)
+        items = torch.arange(1, ds.n_items + 1)
+        side = model.interaction.item_side(model.tokens_of(items))
+        for u in range(6):
+            expect = model.interaction.table(model.interaction.code_side(z[u]), side).sum(0)
+            torch.testing.assert_close(scores[u, 1:], expect, rtol=1e-5, atol=1e-4)
+    assert torch.isinf(scores[:, 0]).all()

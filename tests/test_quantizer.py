@@ -1,0 +1,137 @@
+"""The product quantizer (models/quantizer.py): straight-through gradients, EMA codebooks, dead-code restarts,
+eval-mode purity, code ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from sparcode_cli.models.quantizer import ProductQuantizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_code_id_tuple_round_trip() -> None:
+    pq = ProductQuantizer(6, 3, 5)
+    ids = torch.arange(pq.n_codes)
+    t = pq.tuples_from_ids(ids)
+    assert t.shape == (125, 3) and int(t.max()) == 4
+    assert torch.equal(pq.ids_from_tuples(t), ids)
+    assert pq.ids_from_tuples(torch.tensor([[1, 2, 3]])).item() == 1 * 25 + 2 * 5 + 3  # sum_m j_m N^(M-1-m)
+    # decode = the M codewords side by side
+    z = pq.decode(torch.tensor([38]))
+    assert torch.equal(z[0], torch.cat([pq.codebooks[0, 1], pq.codebooks[1, 2], pq.codebooks[2, 3]]))
+
+
+def test_assignment_is_nearest_codeword_per_chunk() -> None:
+    torch.manual_seed(0)
+    pq = ProductQuantizer(4, 2, 8).eval()
+    z = torch.randn(50, 4)
+    zq, ids, _ = pq(z)
+    t = pq.tuples_from_ids(ids)
+    for m in range(2):
+        d = torch.cdist(z[:, 2 * m : 2 * m + 2], pq.codebooks[m])
+        assert torch.equal(t[:, m], d.argmin(1))
+    assert torch.allclose(zq, pq.decode(ids))
+
+
+def test_straight_through_gradient_reaches_the_tokenizer() -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(3, 8)
+    pq = ProductQuantizer(8, 2, 4, beta=0.0)
+    x = torch.randn(16, 3)
+    w = torch.randn(16, 8)
+    zq, _, commit = pq(head(x))
+    (zq * w).sum().backward()
+    # d zq / d z = identity: the head gets exactly the gradient it would get without quantization
+    expected = w.T @ x
+    torch.testing.assert_close(head.weight.grad, expected)
+    assert commit.item() == 0.0
+    # the commitment loss pulls tokens toward their (fixed) codewords
+    pq.beta = 0.25
+    z = head(x).detach().requires_grad_(True)
+    zq, _, commit = pq.eval()(z)
+    commit.backward()
+    torch.testing.assert_close(z.grad, 0.25 * 2 * (z - zq).detach() / z.numel())
+
+
+def test_ema_moves_codewords_toward_their_inputs() -> None:
+    torch.manual_seed(0)
+    pq = ProductQuantizer(2, 1, 4, decay=0.9, kmeans_iters=0)
+    centres = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0], [0.0, -3.0]])
+    x = (centres.repeat_interleave(32, 0) + 0.1 * torch.randn(128, 2)).contiguous()
+    pq.train()
+    pq(x)  # initialises (sets the EMA counts)
+    pq.codebooks.copy_((centres + 0.5)[None])  # one codeword per cluster, each off its centre
+    pq.ema_sum.copy_(pq.codebooks * pq.ema_count.unsqueeze(-1))
+
+    def error() -> float:
+        t = pq.tuples_from_ids(pq.encode(x))[:, 0]
+        return float((pq.codebooks[0][t] - x).pow(2).sum(1).mean())
+
+    before = error()
+    for _ in range(50):
+        pq(x)
+    assert error() < 0.1 * before
+    for c in centres:  # every cluster owns a codeword at its centre
+        assert torch.cdist(c[None], pq.codebooks[0]).min() < 0.2
+
+
+def test_dead_codes_are_restarted_from_current_inputs() -> None:
+    torch.manual_seed(0)
+    pq = ProductQuantizer(2, 1, 8, decay=0.8, dead_threshold=0.1, kmeans_iters=0).train()
+    x = torch.randn(64, 2)
+    pq(x)  # init
+    far = torch.full((8, 2), 100.0)
+    far[:2] = x[:2]
+    pq.codebooks.copy_(far[None])  # 6 codewords nobody will ever pick
+    pq.ema_sum.copy_(pq.codebooks * pq.ema_count.unsqueeze(-1))
+    pq.reset_usage()
+    for _ in range(20):
+        pq(x)
+    assert pq.restarts >= 6
+    assert pq.codebooks.abs().max() < 50  # no codeword left out at 100
+    stats = pq.usage_stats()
+    assert stats["codes_in_use"][0] > 2 and stats["restarts"] >= 6
+    assert pq.restarts == 0  # reset by usage_stats
+
+
+def test_eval_never_changes_a_codebook() -> None:
+    torch.manual_seed(0)
+    pq = ProductQuantizer(4, 2, 8)
+    pq.eval()
+    before = {k: v.clone() for k, v in pq.state_dict().items()}
+    for _ in range(5):
+        pq(torch.randn(32, 4) * 10)
+        pq.encode(torch.randn(32, 4))
+    for k, v in pq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not bool(pq.initted)  # not even the first-batch k-means init
+
+
+def test_kmeans_init_and_usage_stats() -> None:
+    torch.manual_seed(0)
+    pq = ProductQuantizer(4, 2, 4, kmeans_iters=10).train()
+    x = torch.randn(200, 4)
+    pq(x)
+    assert bool(pq.initted)
+    stats = pq.usage_stats()
+    assert stats["codes_in_use"] == [4, 4]
+    assert all(1.0 < p <= 4.0 for p in stats["perplexity"])
+    assert 1 <= stats["distinct_tuples"] <= 16
+    # init_from given vectors (the two-tower warm start)
+    pq.init_from(torch.zeros(10, 4) + torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.allclose(pq.codebooks[0], torch.tensor([1.0, 2.0]).expand(4, 2))
+
+
+def test_bad_shapes() -> None:
+    with pytest.raises(ValueError):
+        ProductQuantizer(5, 2, 4)

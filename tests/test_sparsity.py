@@ -1,0 +1,130 @@
+"""SparCode's sparsity: ReLU(g + b), the bias controller, the leaky backward for positives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sparcode_cli.config import load_config
+from sparcode_cli.models import attach_features, build_model
+from sparcode_cli.models.base import DataContext
+from sparcode_cli.models.sparcode import leaky_cut
+from sparcode_cli.training.sampler import Sampler
+from tests.synthetic import group_table
+from tests.test_expressiveness import with_group_features
+from tests.test_interaction import SMALL, _queries
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model(name: str, *extra: str) -> Any:
+    """A small SparCode on 16 x 16 groups given as features: users and items differ from the start."""
+    ds = with_group_features(group_table(n_groups=16, users_per_group=8, items_per_group=8, seed=0))
+    torch.manual_seed(0)
+    cfg = load_config(name, overrides=[*SMALL, *extra])
+    model = build_model(name, cfg["model"], DataContext.from_dataset(ds))
+    attach_features(model, ds.features)
+    return model, ds
+
+
+EXTRA = ("model.density_warmup=0", "model.n_codewords=8", "model.target_density=0.1", "model.leak=0.1")
+
+
+def _sampler(ds: Any) -> Sampler:
+    return Sampler(ds.train, ds.features.user_feats, ds.n_items, ordered=True, max_history=8, batch_size=32,
+                   negatives="uniform", n_negatives=64)  # fmt: skip
+
+
+def _steps(model: Any, ds: Any, n: int, opt: Any, start: int = 0) -> list[float]:
+    """Train n steps with the sampled softmax; the measured batch density of each step."""
+    s = _sampler(ds)
+    model.train()
+    dens = []
+    for i in range(start, start + n):
+        b = s.batch(i // s.batches_per_epoch(), i % s.batches_per_epoch())
+        out = model.train_output(b.query, b.pos, b.neg)
+        logits = torch.cat([out.pos_logits[:, None], out.neg_logits], 1)
+        loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(b.pos), dtype=torch.long))
+        opt.zero_grad()
+        (loss + out.aux_loss).backward()
+        opt.step()
+        dens.append(model._batch_density)
+        model.after_step()
+    return dens
+
+
+def test_a_very_negative_bias_makes_every_score_zero() -> None:
+    model, ds = small_model("sparcode", *EXTRA)
+    model.eval()
+    model.bias.fill_(-1e6)
+    with torch.inference_mode():
+        s = model.score_all(_queries(ds, 8))
+        rows = model.score_codes(torch.arange(model.n_codes))
+    assert (s[:, 1:] == 0).all() and torch.isinf(s[:, 0]).all()
+    assert (rows == 0).all()
+    assert model.probe_density() == 0.0
+
+
+def test_density_falls_as_the_bias_falls() -> None:
+    model, ds = small_model("sparcode", *EXTRA)
+    dens = []
+    for b in np.linspace(30, -30, 31):
+        model.bias.fill_(float(b))
+        dens.append(model.probe_density())
+    assert dens[0] == 1.0 and dens[-1] == 0.0 and len(set(dens)) > 5
+    assert all(a >= b for a, b in zip(dens, dens[1:], strict=False)), dens
+
+
+def test_controller_moves_density_to_the_target() -> None:
+    model, ds = small_model("sparcode", *EXTRA)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.003)
+    first = _steps(model, ds, 30, opt)  # the bias starts at the first batch's quantile
+    assert abs(first[0] - 0.1) < 0.02
+    for shift, start in ((+50.0, 30), (-50.0, 70)):  # knocked far off in either direction ...
+        model.bias += shift
+        dens = _steps(model, ds, 40, opt, start)
+        assert abs(dens[0] - 0.1) >= 0.09  # (far off indeed: all or nothing)
+        assert abs(np.mean(dens[-10:]) - 0.1) < 0.04, dens  # ... it comes back
+    assert not model.bias.requires_grad  # a buffer: the loss never moves b
+    stats = model.epoch_stats()
+    for key in ("codes_in_use", "perplexity", "distinct_tuples", "restarts", "bias", "probe_density"):
+        assert key in stats
+    assert abs(stats["train_density"] - 0.1) < 0.1
+
+
+def test_density_warmup_starts_dense() -> None:
+    model, _ = small_model("sparcode", "model.density_warmup=100", "model.target_density=0.05")
+    assert model.current_target() == 1.0
+    model.n_steps.fill_(50)
+    assert abs(model.current_target() - 0.05**0.5) < 1e-9
+    model.n_steps.fill_(1000)
+    assert model.current_target() == 0.05
+
+
+def test_leaky_cut_forward_is_exact_backward_leaks() -> None:
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0], requires_grad=True)
+    y = leaky_cut(x, 0.1)
+    assert torch.equal(y, torch.relu(x.detach()))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0]))
+    x.grad = None
+    leaky_cut(x, 0.0).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
+
+
+def test_leak_anneals_to_zero() -> None:
+    model, _ = small_model("sparcode", "model.leak=0.2", "model.leak_steps=10")
+    assert model.leak_slope() == 0.2
+    model.n_steps.fill_(5)
+    assert abs(model.leak_slope() - 0.1) < 1e-9
+    model.n_steps.fill_(10)
+    assert model.leak_slope() == 0.0
