@@ -1,0 +1,260 @@
+"""`make bench`: SparCode's sparse index against two-tower + Faiss (flat, hnsw) on real data, in one run.
+
+    .venv/bin/python bench/run_bench.py                       # movielens-100k and gowalla, 1 thread
+    .venv/bin/python bench/run_bench.py --threads 2 --datasets movielens-100k
+
+Per dataset (prepared with `--mirror`, default ../shared/data relative to the repository):
+1. train a two-tower and a SparCode model (warm-started from the two-tower run, as DESIGN §2 allows; its
+   training time counts) with a small fixed step budget each; a finished run with the same run id is reused;
+2. build the SparCode index (the codes training/validation users reach, and the whole N^M universe) and Faiss
+   flat and hnsw over the two-tower item vectors;
+3. evaluate each on the test users (sparcode_cli.evaluation.evaluate_index): batch QPS, single-query p50/p99
+   (query encoding excluded, reported apart), Recall/NDCG@20/50, overlap@50 with exact scoring, index bytes;
+4. measure a dense matmul reference in the same process: torch.mm of (codes x F) @ (F x items), F = the
+   multiply-adds one (code, item) pair of the interaction costs (dot path + deeper layers + output), so
+   `build_vs_matmul` = index build pairs/s / the pairs/s dense matmul would allow for that network (DESIGN §7
+   wants >= 0.5); and `qps_vs_flat` = SparCode batch QPS / Faiss flat batch QPS (DESIGN §7 wants >= 1).
+
+Threads are set explicitly (OMP/OPENBLAS/MKL variables before numpy/torch/faiss load, then torch and Faiss)
+and reported in every record. Output: bench/results.json (a list of records) and a rich table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="movielens-100k,gowalla")
+    ap.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--two-tower-steps", type=int, default=400)
+    ap.add_argument("--sparcode-steps", type=int, default=200)
+    ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--exact-users", type=int, default=1000, help="users for the exact overlap@K reference")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench", help="runs/ and out/ go here (git-ignored)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    for var in _THREAD_VARS:  # before numpy / torch / faiss start their thread pools
+        os.environ[var] = str(args.threads)
+
+    import io
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from sparcode_cli.atomic import write_json
+    from sparcode_cli.config import load_config, run_id
+    from sparcode_cli.data.preprocess import prepare
+    from sparcode_cli.data.store import load_dataset
+    from sparcode_cli.evaluation import evaluate_index
+    from sparcode_cli.indexing import build_index, versions
+    from sparcode_cli.models import load_checkpoint
+    from sparcode_cli.retrieval import faiss_index as fi
+    from sparcode_cli.training.trainer import train
+
+    fi.set_threads(args.threads)  # Faiss OpenMP and torch intra-op
+    torch.set_num_interop_threads(1)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    t_bench = time.perf_counter()
+    console.print(
+        f"bench: threads {args.threads} (torch {torch.get_num_threads()}, faiss {fi.get_threads()}), "
+        f"datasets {args.datasets}, mirror {args.mirror}"
+    )
+
+    def ensure_run(ds, model: str, steps: int, init_from: Path | None = None) -> tuple[Path, float]:
+        over = [f"train.max_steps={steps}", f"train.threads={args.threads}"]
+        if model == "sparcode":
+            over.append("train.eval_batch_size=2048")  # fewer code rows rescored per validation user
+        cfg = load_config(model, overrides=over)
+        ident = ds.data_hash
+        if init_from is not None:
+            ident = f"{ds.data_hash}|init={load_checkpoint(init_from)['run_id']}"
+        run_dir = args.work / "runs" / run_id(cfg, ds.name, ident)
+        last = run_dir / "checkpoint_last.pt"
+        if last.is_file():
+            ck = load_checkpoint(last)
+            if ck.get("status") in ("finished", "max-steps", "early-stopped"):
+                console.print(f"  reusing {run_dir.name} ({ck['step']} steps, {ck['train_time_s']:.1f} s)")
+                return run_dir, float(ck["train_time_s"])
+        console.print(f"  training {model} for {steps} steps ...")
+        res = train(
+            ds,
+            cfg,
+            args.work / "runs",
+            resume=last.is_file(),
+            init_from=init_from,
+            console=Console(file=io.StringIO()),
+            progress=False,
+            quiet=True,
+            final_eval=False,
+        )
+        console.print(f"  {res.run_id}: {res.steps} steps in {res.train_time_s:.1f} s")
+        return res.run_dir, res.train_time_s
+
+    records: list[dict] = []
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        t_ds = time.perf_counter()
+        console.print(f"[bold]{name}[/]")
+        ds = load_dataset(prepare(name, mirror=args.mirror, progress=False))
+        console.print(f"  {ds.n_users:,} users, {ds.n_items:,} items, {len(ds.test.users):,} test users")
+        tt_run, tt_s = ensure_run(ds, "two-tower", args.two_tower_steps)
+        sc_run, sc_s = ensure_run(ds, "sparcode", args.sparcode_steps, init_from=tt_run)
+        out = args.work / "out" / name
+        builds = [
+            ("sparcode-index", sc_run, {}, tt_s + sc_s),
+            ("sparcode-index-all", sc_run, {"codes": "all"}, tt_s + sc_s),
+            ("faiss-flat", tt_run, {"faiss_kind": "flat"}, tt_s),
+            ("faiss-hnsw", tt_run, {"faiss_kind": "hnsw"}, tt_s),
+        ]
+        by: dict[str, dict] = {}
+        for retriever, run, opts, train_s in builds:
+            folder = out / retriever
+            m = build_index(run, folder, ds=ds, threads=args.threads, progress=False, **opts)
+            r = evaluate_index(
+                folder,
+                ds,
+                "test",
+                (20, 50),
+                args.threads,
+                latency_queries=args.latency_queries,
+                exact_users=args.exact_users,
+            )
+            rec = {
+                "dataset": name,
+                "retriever": retriever,
+                "model": m["model"],
+                "run_id": m["run_id"],
+                "threads": args.threads,
+                "n_items": ds.n_items,
+                "n_test_users": r["n_eval_users"],
+                "qps_batch": r["qps_batch"],
+                "latency_p50_ms": r["latency_p50_ms"],
+                "latency_p99_ms": r["latency_p99_ms"],
+                "recall_at_20": r["recall@20"],
+                "ndcg_at_20": r["ndcg@20"],
+                "recall_at_50": r["recall@50"],
+                "ndcg_at_50": r["ndcg@50"],
+                "overlap_at_50": r["overlap@50"],
+                "overlap_reference": r["overlap_reference"],
+                "index_bytes": m["index_bytes"],
+                "nnz": m.get("nnz"),
+                "density": m.get("density"),
+                "n_codes_built": m.get("n_codes_built"),
+                "mean_list_len_at_50": r["list_len@50"],
+                "users_on_the_fly": r["users_on_the_fly"],
+                "encode_qps": r["encode_qps"],
+                "build_s": m["build_s"],
+                "build_pairs_per_s": m.get("pairs_per_s"),
+                "score_pairs_per_s": m.get("score_pairs_per_s"),
+                "train_s": train_s,
+            }
+            by[retriever] = rec
+            records.append(rec)
+            console.print(
+                f"  {retriever:<19} R@50 {rec['recall_at_50']:.4f}  overlap@50 {rec['overlap_at_50']:.4f}  "
+                f"QPS {rec['qps_batch']:,.0f}  p50 {rec['latency_p50_ms']:.3f} ms  "
+                f"{rec['index_bytes'] / 2**20:.1f} MiB"
+            )
+        mm = matmul_pairs_per_s(sc_run, ds.n_items, torch)
+        flat = by["faiss-flat"]
+        for key in ("sparcode-index", "sparcode-index-all"):
+            rec = by[key]
+            rec["matmul_pairs_per_s"] = mm["pairs_per_s"]
+            rec["matmul_flops_per_pair"] = mm["flops_per_pair"]
+            rec["matmul_gflops"] = mm["gflops"]
+            rec["build_vs_matmul"] = rec["build_pairs_per_s"] / mm["pairs_per_s"]
+            rec["score_vs_matmul"] = rec["score_pairs_per_s"] / mm["pairs_per_s"]
+            rec["qps_vs_flat"] = rec["qps_batch"] / flat["qps_batch"]
+            rec["p50_vs_flat"] = rec["latency_p50_ms"] / flat["latency_p50_ms"]
+        console.print(f"  {name} done in {time.perf_counter() - t_ds:.0f} s")
+
+    total = time.perf_counter() - t_bench
+    for rec in records:
+        rec["bench_s"] = round(total, 1)
+        rec["versions"] = versions()
+        rec["cpu"] = cpu_name()
+    write_json(args.results, records)
+    print_table(records, Table, console)
+    console.print(f"wrote {args.results} ({total:.0f} s)")
+
+
+def matmul_pairs_per_s(run_dir: Path, n_items: int, torch) -> dict:  # noqa: ANN001
+    """Dense torch.mm throughput, in (code, item) pairs/s, for F = the multiply-adds of one pair of the run's
+    interaction: the dot path (token_dim), the deeper layers ((layers - 1) x k_i x H x H) and the output
+    (k_i x H). The split first layer (adds only) is not counted: the reference is generous."""
+    from sparcode_cli.models import load_checkpoint
+
+    mc = load_checkpoint(run_dir)["config"]["model"]
+    d, k_i = int(mc.get("token_dim", mc["dim"])), int(mc.get("k_i", 2))
+    h, layers = int(mc.get("interaction_hidden", 32)), int(mc.get("interaction_layers", 1))
+    f = d + (layers - 1) * k_i * h * h + k_i * h
+    codes = 256
+    a, b = torch.randn(codes, f), torch.randn(f, n_items)
+    with torch.inference_mode():
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    pairs = codes * n_items / best
+    return {"pairs_per_s": pairs, "flops_per_pair": 2 * f, "gflops": pairs * 2 * f / 1e9}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def print_table(records: list[dict], Table, console) -> None:  # noqa: ANN001, N803
+    t = Table(title=f"bench ({records[0]['threads'] if records else '?'} thread(s))")
+    cols = ["dataset", "retriever", "R@50", "overlap@50", "QPS", "p50 ms", "p99 ms", "MiB", "on the fly",
+            "QPS/flat", "build/matmul"]  # fmt: skip
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("dataset", "retriever") else "right")
+
+    def f(v, fmt: str) -> str:  # noqa: ANN001
+        return "-" if v is None else format(v, fmt)
+
+    for r in records:
+        t.add_row(
+            r["dataset"],
+            r["retriever"],
+            f(r["recall_at_50"], ".4f"),
+            f(r["overlap_at_50"], ".4f"),
+            f(r["qps_batch"], ",.0f"),
+            f(r["latency_p50_ms"], ".3f"),
+            f(r["latency_p99_ms"], ".3f"),
+            f(r["index_bytes"] / 2**20, ".1f"),
+            str(r["users_on_the_fly"]),
+            f(r.get("qps_vs_flat"), ".2f"),
+            f(r.get("build_vs_matmul"), ".3f"),
+        )
+    console.print(t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`sparcode index RUN_DIR --out DIR`: build the retrieval artifact of a trained run (thin: indexing.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def index(
+    run_dir: Path = typer.Argument(
+        ..., help="A run folder written by `sparcode train` (sparcode or two-tower)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (replaced if it holds one)."),
+    bias: float = typer.Option(
+        None,
+        "--bias",
+        show_default=False,
+        help="sparcode: override the trained sparsity bias b (sweep sparsity).",
+    ),
+    max_per_code: int = typer.Option(
+        None, "--max-per-code", show_default=False, help="sparcode: keep only each code's best M items."
+    ),
+    codes: str = typer.Option(
+        None,
+        "--codes",
+        metavar="reached|all",
+        show_default=False,
+        help="sparcode: build the codes training and validation users reach (default) or all N^M codes.",
+    ),
+    faiss: str = typer.Option(
+        None,
+        "--faiss",
+        metavar="flat|ivf|hnsw",
+        show_default=False,
+        help="two-tower: Faiss index kind (flat).",
+    ),
+    nlist: int = typer.Option(None, "--nlist", show_default=False, help="ivf: lists (default ~4 sqrt(n))."),
+    nprobe: int = typer.Option(16, "--nprobe", help="ivf: lists searched."),
+    hnsw_m: int = typer.Option(32, "--hnsw-m", help="hnsw: links per node."),
+    ef_construction: int = typer.Option(200, "--ef-construction", help="hnsw: build beam width."),
+    ef_search: int = typer.Option(
+        128, "--ef-search", help="hnsw: search beam width (raised to K + history)."
+    ),
+    memory_budget_mb: float = typer.Option(
+        4096.0, "--memory-budget-mb", help="Refuse a build whose estimated peak memory is larger."
+    ),
+    threads: int = typer.Option(None, "--threads", show_default=False, help="Torch / Faiss threads."),
+    dataset: str = typer.Option(
+        None,
+        "--dataset",
+        show_default=False,
+        help="Dataset name or file, if the run's processed data is not in the cache (checked by data hash).",
+    ),
+    mirror: str = typer.Option(None, "--mirror", envvar="SPARCODE_MIRROR", help="Mirror for raw data."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Build a run's retrieval artifact: a SparCode code -> item index or a two-tower Faiss index.
+
+    The folder holds index.npz (or index.faiss), manifest.json, query_encoder.pt and items.parquet, so
+    `sparcode eval --index DIR` needs nothing else.
+
+    Example: sparcode index runs/sparcode-movielens-1a2b3c4d --out out/sparcode --max-per-code 500
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from sparcode_cli.indexing import build_index, summary_rows
+
+    manifest = build_index(
+        run_dir,
+        out,
+        dataset=dataset,
+        mirror=mirror,
+        bias=bias,
+        max_per_code=max_per_code,
+        codes=codes,
+        faiss_kind=faiss,
+        nlist=nlist,
+        nprobe=nprobe,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        ef_search=ef_search,
+        memory_budget_mb=memory_budget_mb,
+        threads=threads,
+        progress=not no_progress,
+    )
+    table = Table(title=f"index {out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for label, value in summary_rows(manifest):
+        table.add_row(label, value)
+    Console().print(table)
