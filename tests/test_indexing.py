@@ -166,7 +166,9 @@ def test_sparse_index_equals_exact_scoring(bd: Board, tmp_path: Path) -> None:
         ref = exact_topk(art.model, ds, es.query, es.users, 50)
         np.testing.assert_array_equal(top.lengths, ref.lengths)
         np.testing.assert_array_equal(top.items, ref.items)
-        np.testing.assert_array_equal(top.scores, ref.scores)  # bit for bit: no train/serve gap
+        # Same lists, same scores. Users with an unbuilt code add its on-the-fly row in a different float32
+        # summation order, so their scores may differ in the last bit (never the order: items are equal above).
+        np.testing.assert_allclose(top.scores, ref.scores, rtol=1e-6, atol=0)
         assert overlap_at_k(top, ref, 20) == 1.0 and overlap_at_k(top, ref, 50) == 1.0
         for u in range(len(es.users)):  # history never returned
             assert not set(top.row(u)[0].tolist()) & set(es.query.row(u).tolist())

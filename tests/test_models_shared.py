@@ -40,8 +40,37 @@ LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
         150,
         0.5,
     ),
-    ("sparcode", ["model.dim=16", "model.emb_dim=16", "model.hidden=32", "model.max_history=8", "model.token_dim=16", "model.n_codewords=16", "model.interaction_hidden=16", "model.target_density=0.3", "model.density_warmup=60", "train.lr=0.01"], 300, 0.5),  # noqa: E501
-    ("all-to-all", ["model.dim=16", "model.emb_dim=16", "model.hidden=32", "model.max_history=8", "model.token_dim=16", "model.interaction_hidden=16", "train.lr=0.01"], 150, 0.5),  # noqa: E501
+    (
+        "sparcode",
+        [
+            "model.dim=16",
+            "model.emb_dim=16",
+            "model.hidden=32",
+            "model.max_history=8",
+            "model.token_dim=16",
+            "model.n_codewords=16",
+            "model.interaction_hidden=16",
+            "model.target_density=0.3",
+            "model.density_warmup=60",
+            "train.lr=0.01",
+        ],
+        500,
+        0.5,
+    ),  # noqa: E501
+    (
+        "all-to-all",
+        [
+            "model.dim=16",
+            "model.emb_dim=16",
+            "model.hidden=32",
+            "model.max_history=8",
+            "model.token_dim=16",
+            "model.interaction_hidden=16",
+            "train.lr=0.01",
+        ],
+        150,
+        0.5,
+    ),  # noqa: E501
 ]
 
 

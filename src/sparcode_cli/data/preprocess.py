@@ -380,6 +380,7 @@ def build(
 
 # ---------------------------------------------------------------------------------------------- splits
 
+
 def _out(df: pl.DataFrame, target: pl.Expr | None = None) -> pl.DataFrame:
     cols = [pl.col("uid").cast(pl.Int32).alias("user"), pl.col("iid").cast(pl.Int32).alias("item"),
             pl.col("timestamp").cast(pl.Int64)]  # fmt: skip

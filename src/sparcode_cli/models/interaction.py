@@ -10,12 +10,6 @@
                    precomputed per item: o = sum_j softmax_j(<W_q z, k_j>/sqrt(H)) v_j, then
                    h = <w, act(o + U z)> (pooled to a scalar).
 
-Bounded logits: with normalised tokens the dot path lies within +-K_i/tau, and h is squashed into the same
-range, h_bound * tanh(h_raw / h_bound) with h_bound = K_i/tau (unnormalised tokens: h is left unbounded). An
-unbounded h let the softmax grow SparCode's scores without end (the ReLU cut rewards every raise of a
-positive against negatives clamped at 0): on MovieLens g reached ~200 in 500 steps and the sparsity
-controller could not keep up. The cosine two-tower is bounded the same way, by 1/tau.
-
 Both sides are computed once (`code_side`, `item_side`); `table` gives the full (n_codes, n_items) cross in
 batched ops (call it on chunks of codes: memory is n_codes * n_items * K_i * H floats), `paired` gives each
 row's codes against that row's own item (the training positives).
@@ -73,13 +67,11 @@ class Interaction(nn.Module):
         hidden: int = 32,
         layers: int = 1,
         tau: float = 0.05,
-        h_bound: float = 0.0,
     ) -> None:
         super().__init__()
         if kind not in INTERACTIONS:
             raise ValueError(f"interaction must be one of {INTERACTIONS}, got {kind!r}")
         self.kind, self.dim, self.hidden, self.tau = kind, int(dim), int(hidden), float(tau)
-        self.h_bound = float(h_bound)
         h = self.hidden
         if kind == "mlp":
             # The first layer of MLP([z; t_j]) is Linear(2D -> H) = A z + B t_j + bias, split in two.
@@ -107,10 +99,6 @@ class Interaction(nn.Module):
         return ItemSide(t.sum(-2), self.item_proj(t), self.value_proj(t))
 
     # -- pairs -------------------------------------------------------------------------------------------
-    def _bound(self, h: Tensor) -> Tensor:
-        """h_bound * tanh(h / h_bound): h kept within the dot path's own range (0 = unbounded)."""
-        return h if self.h_bound <= 0 else self.h_bound * torch.tanh(h / self.h_bound)
-
     def _mlp_tail(self, x: Tensor) -> Tensor:
         """x (..., K_i, H) first-layer pre-activations -> (...) sum_j MLP."""
         x = F.relu(x)
@@ -123,24 +111,24 @@ class Interaction(nn.Module):
         dot = c.z @ it.tsum.T / self.tau
         if self.kind == "mlp":
             if len(self.deep) == 0:  # the default one-hidden-layer h: a fused, cache-sized, chunked kernel
-                return dot + self._bound(_SplitMLP.apply(c.a, it.b, self.out.weight.reshape(-1)))
-            return dot + self._bound(self._mlp_tail(c.a[:, None, None, :] + it.b.unsqueeze(0)))
+                return dot + _SplitMLP.apply(c.a, it.b, self.out.weight.reshape(-1))
+            return dot + self._mlp_tail(c.a[:, None, None, :] + it.b.unsqueeze(0))
         n_items, k_i, h = it.b.shape
         logits = (c.a @ it.b.reshape(-1, h).T).reshape(-1, n_items, k_i)  # (C, I, K_i)
         alpha = logits.softmax(-1)
         assert it.v is not None and c.u is not None
         o = torch.bmm(alpha.transpose(0, 1), it.v).transpose(0, 1)  # (C, I, H)
-        return dot + self._bound(self.out(F.relu(o + c.u[:, None, :])).squeeze(-1))
+        return dot + self.out(F.relu(o + c.u[:, None, :])).squeeze(-1)
 
     def paired(self, c: CodeSide, it: ItemSide) -> Tensor:
         """Row-wise: c (B, K, ...) codes against it (B, ...) one item per row -> (B, K)."""
         dot = (c.z * it.tsum.unsqueeze(1)).sum(-1) / self.tau
         if self.kind == "mlp":
-            return dot + self._bound(self._mlp_tail(c.a.unsqueeze(2) + it.b.unsqueeze(1)))
+            return dot + self._mlp_tail(c.a.unsqueeze(2) + it.b.unsqueeze(1))
         logits = torch.einsum("bkh,bjh->bkj", c.a, it.b)
         assert it.v is not None and c.u is not None
         o = torch.einsum("bkj,bjh->bkh", logits.softmax(-1), it.v)
-        return dot + self._bound(self.out(F.relu(o + c.u)).squeeze(-1))
+        return dot + self.out(F.relu(o + c.u)).squeeze(-1)
 
     def table_chunked(self, z: Tensor, it: ItemSide, max_elems: int = 1 << 23) -> Tensor:
         """`table` for many codes z (C, D), in chunks of codes bounded by `max_elems` intermediate floats."""
@@ -168,8 +156,6 @@ class TokenCross(Recommender):
             int(cfg.get("interaction_hidden", 32)),
             int(cfg.get("interaction_layers", 1)),
             float(cfg.get("tau", 0.05)),
-            # with normalised tokens |sum_j <z, t_j>/tau| <= k_i/tau: h gets the same range (see the docstring)
-            self.k_i / float(cfg.get("tau", 0.05)) if bool(cfg.get("normalize", True)) else 0.0,
         )
         self._item_cache: tuple[Tensor, ItemSide] | None = None
 
