@@ -201,6 +201,15 @@ def test_max_steps_budget_evaluates_partial_epoch(ds: Any, tmp_path: Path) -> No
     assert res.test is not None and (res.run_dir / "checkpoint_best.pt").is_file()
 
 
+def test_max_steps_at_an_epoch_end_logs_no_empty_epoch(ds: Any, tmp_path: Path) -> None:
+    first = quiet_train(ds, small_cfg("train.max_steps=1000", "train.epochs=1"), tmp_path / "a")
+    per_epoch = first.steps  # one full epoch
+    res = quiet_train(ds, small_cfg(f"train.max_steps={2 * per_epoch}"), tmp_path / "b")
+    assert res.status == "max-steps" and res.steps == 2 * per_epoch
+    assert [row["samples"] > 0 for row in res.history] == [True, True]
+    assert not any(row.get("partial_epoch") for row in res.history)
+
+
 class NanTwoTower(TwoTower):
     def train_output(self, q, pos, neg):  # noqa: ANN001, ANN201
         out = super().train_output(q, pos, neg)
