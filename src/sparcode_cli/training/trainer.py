@@ -490,7 +490,9 @@ def train(
                 stop_reason = stopped
                 break
             if stopped == "max-steps":
-                if st["epoch_batches"] > 0:  # the budget ended mid-epoch (not exactly at the last epoch's end)
+                if (
+                    st["epoch_batches"] > 0
+                ):  # the budget ended mid-epoch (not exactly at the last epoch's end)
                     end_of_epoch(partial=True)
                 st["done"], stop_reason = True, "max-steps"
             else:
