@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -41,10 +40,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from sparcode_cli import __version__
 from sparcode_cli.atomic import atomic_path, file_digest, write_json
 from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.errors import UserError
+from sparcode_cli.provenance import versions
 
 MANIFEST = "manifest.json"
 QUERY_ENCODER = "query_encoder.pt"
@@ -61,21 +60,6 @@ Log = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def versions() -> dict[str, str]:
-    import faiss
-    import scipy
-
-    return {
-        "sparcode": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "faiss": getattr(faiss, "__version__", "unknown"),
-        "polars": pl.__version__,
-    }
-
-
 def set_threads(n: int | None) -> None:
     """Torch and Faiss threads (n >= 1); None leaves them as they are."""
     if n is None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import signal
 import subprocess
@@ -45,7 +44,6 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sparcode_cli import __version__
 from sparcode_cli.atomic import atomic_path, write_json, write_text
 from sparcode_cli.config import config_hash, run_id, to_toml
 from sparcode_cli.data.dataset import Dataset
@@ -61,6 +59,7 @@ from sparcode_cli.models import (
 )
 from sparcode_cli.models.base import DataContext, Recommender, TrainOutput
 from sparcode_cli.paths import PACKAGE_DIR
+from sparcode_cli.provenance import versions
 from sparcode_cli.training.sampler import Sampler, accidental_hits
 
 EARLY_STOP_METRIC = "recall@20"
@@ -137,18 +136,6 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return r.stdout.strip() or None if r.returncode == 0 else None
-
-
-def _versions() -> dict[str, str]:
-    import scipy
-
-    return {
-        "sparcode": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-    }
 
 
 def _plain(obj: Any) -> Any:
@@ -299,7 +286,7 @@ def train(
         "n_params": n_params,
         "init_from": str(init_from) if init_from is not None else None,
         "git_sha": git_sha(),
-        "versions": _versions(),
+        "versions": versions(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if not resume:
