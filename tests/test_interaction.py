@@ -203,3 +203,20 @@ def test_warm_start_from_two_tower() -> None:
         assert (F.cosine_similarity(sc.tokens_of(items)[:, 0], tt.item_encoder(items), dim=-1) > 0.9).all()
     with pytest.raises(Exception, match="two-tower"):
         sc.init_from_run({**ckpt, "model": "sparcode"})
+
+
+def test_warm_start_across_dropout_settings() -> None:
+    """Parameter names do not depend on dropout, so a two-tower trained with it warm-starts one without."""
+    from sparcode_cli.models import make_checkpoint
+
+    ds = checkerboard()
+    tt_keys = [k for k in SMALL if "token_dim" not in k and "interaction" not in k]
+    tt_cfg = load_config("two-tower", overrides=[*tt_keys, "model.dim=8", "model.dropout=0.2"])
+    tt = build_model("two-tower", tt_cfg["model"], DataContext.from_dataset(ds))
+    ckpt = make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
+    sc, _ = small_model(
+        "sparcode", "model.dim=8", "model.token_dim=8", "model.n_codewords=8", "model.dropout=0.0"
+    )
+    sc.init_from_run(ckpt, _queries(ds, 16))
+    for name, p in tt.query_encoder.state_dict().items():
+        assert torch.equal(sc.query_encoder.state_dict()[name], p), name

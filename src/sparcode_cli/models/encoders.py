@@ -17,14 +17,15 @@ from sparcode_cli.models.base import DataContext, QueryBatch
 
 
 def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers with GELU between them (none after the last)."""
+    """Linear layers with GELU and dropout between them (none after the last).
+
+    The Dropout module is there even at p = 0, so parameter names do not depend on the dropout setting and a
+    checkpoint trained with dropout can warm-start a model without it (and back)."""
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(nn.GELU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+            layers.extend([nn.GELU(), nn.Dropout(dropout)])
     return nn.Sequential(*layers)
 
 
