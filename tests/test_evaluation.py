@@ -16,6 +16,7 @@ from sparcode_cli.evaluation import evaluate_index, evaluate_run, parse_ks
 from sparcode_cli.indexing import build_index
 from sparcode_cli.metrics import evaluate, metrics_from_topk
 from sparcode_cli.models import load_checkpoint, model_from_checkpoint
+from tests.cli import exit_code
 from tests.test_indexing import SMALL, SPARCODE, Board, board, write_csv
 
 FIELDS = [
@@ -35,12 +36,7 @@ def bd(tmp_path_factory: pytest.TempPathFactory) -> Board:
     return board(tmp_path_factory)
 
 
-def _cli(args: list[str]) -> int:
-    from sparcode_cli.commands.app import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    return int(exc.value.code or 0)
+_cli = exit_code
 
 
 def recompute(topk_file: Path, ds: Dataset, split: str, ks: tuple[int, ...] = (20, 50)) -> dict[str, float]:

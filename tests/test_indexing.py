@@ -29,6 +29,7 @@ from sparcode_cli.retrieval.faiss_index import build_faiss_index, search
 from sparcode_cli.retrieval.sparse_index import CodeIndex, overlap_at_k, retrieve, topk_dense
 from sparcode_cli.training.sampler import last_items, query_batch
 from sparcode_cli.training.trainer import train
+from tests.cli import exit_code
 from tests.synthetic import group_table
 
 SMALL = [
@@ -133,12 +134,7 @@ def bd(tmp_path_factory: pytest.TempPathFactory) -> Board:
     return board(tmp_path_factory)
 
 
-def _cli(args: list[str]) -> int:
-    from sparcode_cli.commands.app import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    return int(exc.value.code or 0)
+_cli = exit_code
 
 
 def test_codes(bd: Board) -> None:

@@ -24,6 +24,7 @@ from sparcode_cli.models.base import TrainOutput
 from sparcode_cli.models.two_tower import TwoTower
 from sparcode_cli.training.sampler import Sampler
 from sparcode_cli.training.trainer import TrainingDiverged, sampled_softmax_loss, train
+from tests.cli import exit_code
 from tests.synthetic import checkerboard
 
 SMALL = [
@@ -275,12 +276,7 @@ def test_init_from_calls_model_hook(ds: Any, tmp_path: Path, monkeypatch: pytest
 # -- the command -----------------------------------------------------------------------------------------
 
 
-def _cli(args: list[str]) -> int:
-    from sparcode_cli.commands.app import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    return int(exc.value.code or 0)
+_cli = exit_code
 
 
 @pytest.mark.e2e
