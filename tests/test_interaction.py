@@ -191,7 +191,9 @@ def test_warm_start_from_two_tower() -> None:
     tt = build_model("two-tower", tt_cfg["model"], DataContext.from_dataset(ds))
     attach_features(tt, ds.features)
     ckpt = make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
-    sc, _ = small_model("sparcode", "model.dim=8", "model.token_dim=8", "model.n_codewords=8")
+    sc, _ = small_model(
+        "sparcode", "model.dim=8", "model.token_dim=8", "model.n_codewords=8", "model.head_noise=0.05"
+    )
     q = _queries(ds, 16)
     sc.init_from_run(ckpt, q)
     assert bool(sc.quantizer.initted) and sc.quantize_after == 0
@@ -203,6 +205,38 @@ def test_warm_start_from_two_tower() -> None:
         assert (F.cosine_similarity(sc.tokens_of(items)[:, 0], tt.item_encoder(items), dim=-1) > 0.9).all()
     with pytest.raises(Exception, match="two-tower"):
         sc.init_from_run({**ckpt, "model": "sparcode"})
+    # zero_cross: h starts at 0, so g is the dot path of the copied towers; all-to-all warm-starts the same way
+    for name in ("sparcode", "all-to-all"):
+        m, _ = small_model(name, "model.dim=8", "model.token_dim=8", "model.zero_cross=true")
+        m.init_from_run(ckpt)
+        assert not m.interaction.out.weight.any()
+        with torch.no_grad():
+            c = m.interaction.code_side(m.user_tokens(q).reshape(-1, 8))
+            it = m.interaction.item_side(m.tokens_of(items))
+            assert torch.allclose(m.interaction.table(c, it), c.z @ it.tsum.T / m.interaction.tau, atol=1e-5)
+
+
+def test_head_noise_separates_the_user_tokens() -> None:
+    from sparcode_cli.models import make_checkpoint
+
+    ds = checkerboard()
+    torch.manual_seed(0)
+    tt_keys = [k for k in SMALL if "token_dim" not in k and "interaction" not in k]
+    tt = build_model("two-tower", load_config("two-tower", overrides=[*tt_keys, "model.dim=8"])["model"],
+                     DataContext.from_dataset(ds))  # fmt: skip
+    attach_features(tt, ds.features)
+    ckpt = make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
+    q = _queries(ds, 16)
+    spread = {}
+    for noise in (0.05, 1.0):
+        sc, _ = small_model("sparcode", "model.dim=8", "model.token_dim=8", f"model.head_noise={noise}")
+        sc.init_from_run(ckpt)
+        with torch.no_grad():
+            z = sc.user_tokens(q)
+            qv = F.normalize(tt.query_encoder(q), dim=-1)
+        spread[noise] = float(1 - torch.einsum("bkd,bjd->bkj", z, z).mean())
+        assert torch.einsum("bkd,bd->bk", z, qv).mean() > 0.5  # still about the two-tower vector
+    assert spread[1.0] > 10 * spread[0.05]
 
 
 def test_warm_start_across_dropout_settings() -> None:

@@ -37,6 +37,7 @@ def small_model(name: str, *extra: str) -> Any:
 
 
 EXTRA = ("model.density_warmup=0", "model.n_codewords=8", "model.target_density=0.1", "model.leak=0.1")
+GLOBAL = (*EXTRA, "model.cut=global", "model.row_norm=center")  # one controlled bias b for every code
 
 
 def _sampler(ds: Any) -> Sampler:
@@ -75,7 +76,7 @@ def test_a_very_negative_bias_makes_every_score_zero() -> None:
 
 
 def test_density_falls_as_the_bias_falls() -> None:
-    model, ds = small_model("sparcode", *EXTRA)
+    model, ds = small_model("sparcode", *GLOBAL)
     dens = []
     for b in np.linspace(50, -50, 51):
         model.bias.fill_(float(b))
@@ -85,7 +86,7 @@ def test_density_falls_as_the_bias_falls() -> None:
 
 
 def test_controller_moves_density_to_the_target() -> None:
-    model, ds = small_model("sparcode", *EXTRA)
+    model, ds = small_model("sparcode", *GLOBAL)
     opt = torch.optim.AdamW(model.parameters(), lr=0.003)
     first = _steps(model, ds, 30, opt)  # the bias starts at the first batch's quantile
     assert abs(first[0] - 0.1) < 0.02
@@ -128,3 +129,42 @@ def test_leak_anneals_to_zero() -> None:
     assert abs(model.leak_slope() - 0.1) < 1e-9
     model.n_steps.fill_(10)
     assert model.leak_slope() == 0.0
+
+
+def test_row_cut_keeps_each_rows_best_share() -> None:
+    """cut = "row": every code row holds exactly round(density x n_items) items, its best ones by g~."""
+    model, ds = small_model("sparcode", *EXTRA)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.003)
+    dens = _steps(model, ds, 20, opt)
+    assert all(abs(d - 0.1) < 0.03 for d in dens), dens
+    assert model.bias == 0 and float(model.row_density) == pytest.approx(0.1)
+    model.eval()
+    keep = round(0.1 * ds.n_items)
+    with torch.inference_mode():
+        rows = model.score_codes(torch.arange(model.n_codes))
+        model.bias.fill_(20.0)  # every pair kept: g~ - theta_c + 20 (rows are standardised)
+        raw = model.score_codes(torch.arange(model.n_codes))
+    assert ((rows[:, 1:] > 0).sum(1) == keep).all()  # not one row empty, none over
+    top = raw[:, 1:].topk(keep, dim=1).indices.sort(1).values
+    assert torch.equal(top, (rows[:, 1:] > 0).nonzero()[:, 1].reshape(-1, keep))
+    model.bias.fill_(0.0)
+    assert model.probe_density() == pytest.approx(0.1, abs=0.03)  # (a sample of codes and items)
+
+
+def test_row_cut_bias_shifts_every_row() -> None:
+    model, _ = small_model("sparcode", *EXTRA)
+    model.eval()
+    model.row_density.fill_(0.1)
+    dens = []
+    for b in np.linspace(3, -3, 25):
+        model.bias.fill_(float(b))
+        dens.append(model.probe_density())
+    assert dens[0] > 0.5 and dens[-1] == 0.0 and len(set(dens)) > 5
+    assert all(a >= b for a, b in zip(dens, dens[1:], strict=False)), dens
+
+
+def test_selection_waits_for_the_density_warmup() -> None:
+    model, _ = small_model("sparcode", "model.density_warmup=100")
+    assert not model.selectable()
+    model.n_steps.fill_(100)
+    assert model.selectable()

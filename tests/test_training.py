@@ -273,6 +273,26 @@ def test_init_from_calls_model_hook(ds: Any, tmp_path: Path, monkeypatch: pytest
     assert json.loads((res.run_dir / "meta.json").read_text())["init_from"] == str(base.run_dir)
 
 
+def test_no_checkpoint_is_selected_while_the_model_says_not_yet(
+    ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SparCode's density warm-up: evaluations before `selectable()` neither select nor count for patience."""
+    per_epoch = quiet_train(ds, small_cfg("train.epochs=1"), tmp_path / "probe").steps
+    ready_at = 2 * per_epoch
+    monkeypatch.setattr(TwoTower, "selectable", lambda self: self._steps_seen >= ready_at, raising=False)
+    monkeypatch.setattr(TwoTower, "_steps_seen", 0, raising=False)
+
+    def count(self: Any) -> None:
+        self._steps_seen += 1
+
+    monkeypatch.setattr(TwoTower, "after_step", count)
+    res = quiet_train(ds, small_cfg("train.epochs=4", "train.patience=1"), tmp_path / "run")
+    hist = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 4 or res.status == "early-stopped"
+    assert res.best_epoch >= 2  # epochs 1 and 2 end before the model is selectable
+    assert len(hist) >= 3  # and did not use up the patience of 1
+
+
 # -- the command -----------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ The towers, token heads and g live in models/interaction.py (`TokenCross`). Retr
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -35,3 +37,8 @@ class AllToAll(TokenCross):
         out = self.interaction.table_chunked(z, side).reshape(len(q), self.k_u, -1).sum(1)
         out[:, 0] = float("-inf")
         return out
+
+    def init_from_run(self, ckpt: dict[str, Any], queries: QueryBatch | None = None) -> None:
+        """Warm start from a trained two-tower checkpoint, as SparCode's (`TokenCross._copy_two_tower`), so
+        the ceiling gets the same head start and budget."""
+        self._copy_two_tower(ckpt)

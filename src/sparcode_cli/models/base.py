@@ -101,6 +101,11 @@ class Recommender(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (controllers, e.g. SparCode's sparsity bias)."""
 
+    def selectable(self) -> bool:
+        """Whether a validation result now may select the best checkpoint (SparCode: not during the density
+        warm-up, whose denser index would win by being dense)."""
+        return True
+
     def epoch_stats(self) -> dict[str, Any]:
         """Numbers to log once per epoch (SparCode: codes in use, perplexity, restarts, density)."""
         return {}

@@ -234,11 +234,14 @@ class TokenCross(Recommender):
         d, td = int(self.cfg["dim"]), self.token_dim
         n = min(d, td)
         with torch.no_grad():
-            for heads, k in ((self.user_heads, self.k_u), (self.item_heads, self.k_i)):
-                heads.weight.mul_(0.05)
+            noise = float(self.cfg.get("head_noise", 0.05))
+            for heads, k, scale in ((self.user_heads, self.k_u, noise), (self.item_heads, self.k_i, 0.05)):
+                heads.weight.mul_(scale)
                 heads.bias.zero_()
                 for j in range(k):
                     heads.weight[j * td : j * td + n, :n] += torch.eye(n)
+            if bool(self.cfg.get("zero_cross", False)):  # h starts at 0: g starts as the two-tower score
+                self.interaction.out.weight.zero_()
         self.clear_cache()
 
 

@@ -16,17 +16,28 @@ gradient through the mean, like a LayerNorm over items without the scale; `row_n
 by the row's std). Without it the softmax raised g without end: each raise of a positive above the cut gains
 against negatives clamped at 0, so the rows raced upward, the controller lagged (density 0.17 for a 0.05
 target) or, with g bounded, the tops saturated into ties, and MovieLens Recall@20 fell to ~0.05. Centred, a
-code can lift some items only by lowering others. ("standard" trained worse: 0.074 vs 0.080 test Recall@20 on
-MovieLens, and a flat row at initialisation amplifies noise by 1/std.)
+code can lift some items only by lowering others. (With the global cut "standard" trained worse, 0.074 vs 0.080 test
+Recall@20 on MovieLens; with the row cut it is the default: 0.0958 vs 0.0413 for "center", whose codes
+collapsed to 113 tuples.)
 
-Sparsity bias b (a buffer, not a parameter: the loss never moves it). Each training batch measures rho_hat,
+The cut, `cut = "row"` (default): every code row keeps its own best `target_density` of items: score =
+ReLU(g~ - theta_c + b), theta_c the row's (1 - density) quantile (in training over the batch's uniform probe
+items, detached; in the index over every item, exactly), b = 0 unless `sparcode index --bias` shifts every
+row's cut by the same amount (in std units with row_norm "standard"). Every row is non-empty and the index
+density is the target by construction. It replaced the single global b of `cut = "global"` (below), which
+the rows' growing spread defeated: at 5% density 60-97% of code rows ended empty and 35-90% of MovieLens
+test users got fewer than 20 items (experiments/results/movielens-sparcode-ablation.md). During the density
+warm-up the row density follows the falling target (buffer `row_density`), and checkpoints are selected only
+once it has reached the final target (`selectable`), so a denser early model never wins the selection.
+
+Global sparsity bias b (`cut = "global"`; a buffer, not a parameter: the loss never moves it). Each training batch measures rho_hat,
 the fraction of positive g~ + b over its codes x `density_items` items drawn uniformly, and b_batch, the bias
 that would have given exactly the current target there (a quantile of g~). Uniform items, because the index
 density counts every item alike (measured on the shared negatives, half of them in-batch, i.e. popular, a
 5% target gave a 0.5% index). After every optimiser step b <- b + bias_lr * (b_batch - b). Since
 b_batch - b ~= -(rho_hat - target) / p(-b), p the density of g~ at the cut, this is the proportional
 controller b <- b - eta (rho_hat - target) with its gain set by the measured slope (a Newton step). b starts
-at the first batch's b_batch. Training starts dense: the target falls log-linearly from 1 to target_density
+at the first batch's b_batch. Training starts dense (both cuts): the target falls log-linearly from 1 to target_density
 over `density_warmup` steps, so the cross network first learns like all-to-all and the cut then removes the
 lowest pairs (cut from the first step, with g still nearly flat over items, a small model did not learn).
 
@@ -106,11 +117,17 @@ class SparCode(TokenCross):
         self.density_items = int(cfg.get("density_items", 128))
         self.dense_loss = float(cfg.get("dense_loss", 1.0))
         self.row_norm = str(cfg.get("row_norm", "center"))
+        self.cut = str(cfg.get("cut", "global"))
+        if self.cut not in ("global", "row"):
+            raise ValueError(f"model.cut must be 'global' or 'row', got {self.cut!r}")
         init_scale = float(cfg.get("logit_scale", 5.0))
         self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)))
         self.register_buffer("bias", torch.tensor(0.0))
         self.register_buffer("bias_initted", torch.tensor(False))
         self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
+        # cut "row": the fraction of items each code row keeps now (follows the density target; the index
+        # recomputes every row's threshold over all items from it)
+        self.register_buffer("row_density", torch.tensor(1.0))
         self._batch_density: float | None = None  # rho_hat of the last training batch
         self._batch_bias = 0.0
         self._density_ema: float | None = None
@@ -159,15 +176,22 @@ class SparCode(TokenCross):
         g_probe = (g_probe - mu) / sd
         g_neg = (g_neg - mu) / sd
         g_pos = (g_pos - mu.reshape(b_size, self.k_u)) / sd.reshape(b_size, self.k_u)
-        with torch.no_grad():
-            flat = g_probe.detach().flatten()
-            # the bias that would have given exactly the target density on this batch
-            k = min(flat.numel(), max(1, round((1.0 - self.current_target()) * flat.numel())))
-            self._batch_bias = -float(flat.kthvalue(k).values)
-            if not bool(self.bias_initted):
-                self.bias.fill_(self._batch_bias)
-                self.bias_initted.fill_(True)
-            self._batch_density = float((flat + self.bias > 0).float().mean())
+        if self.cut == "row":  # each row cut at its own (1 - target) quantile over the probe items
+            with torch.no_grad():
+                row_b = -self.row_thresholds(g_probe.detach(), self.current_target())  # (B*K_u, 1)
+                self._batch_density = float((g_probe.detach() + row_b > 0).float().mean())
+            g_probe, g_neg = g_probe + row_b, g_neg + row_b
+            g_pos = g_pos + row_b.reshape(b_size, self.k_u)
+        else:
+            with torch.no_grad():
+                flat = g_probe.detach().flatten()
+                # the bias that would have given exactly the target density on this batch
+                k = min(flat.numel(), max(1, round((1.0 - self.current_target()) * flat.numel())))
+                self._batch_bias = -float(flat.kthvalue(k).values)
+                if not bool(self.bias_initted):
+                    self.bias.fill_(self._batch_bias)
+                    self.bias_initted.fill_(True)
+                self._batch_density = float((flat + self.bias > 0).float().mean())
         # the learned softmax scale: a temperature, it changes no ranking and is not stored in the index
         scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
         dense = g_pos.new_zeros(())
@@ -194,12 +218,29 @@ class SparCode(TokenCross):
             return (g - real.mean(1, keepdim=True)) / (real.std(1, keepdim=True) + self.STD_EPS)
         return g - real.mean(1, keepdim=True)
 
+    @staticmethod
+    def row_thresholds(g: Tensor, density: float) -> Tensor:
+        """(rows, 1): per row the value that exactly max(1, round(density x n)) of its n entries exceed (ties
+        aside); below the row's minimum when every entry is kept."""
+        n = g.shape[1]
+        keep = max(1, round(density * n))
+        if keep >= n:
+            return g.min(1, keepdim=True).values - 1.0
+        return g.kthvalue(n - keep, dim=1, keepdim=True).values
+
+    def selectable(self) -> bool:
+        """Checkpoints are selected only once the density target has reached its final value."""
+        return int(self.n_steps) >= self.density_warmup
+
     def after_step(self) -> None:
         """The sparsity controller: b <- b + bias_lr * (b_batch - b), see the module docstring."""
         self.n_steps += 1
+        if self.cut == "row":
+            self.row_density.fill_(self.current_target())
         if self._batch_density is None:
             return
-        self.bias += self.bias_lr * (self._batch_bias - float(self.bias))
+        if self.cut == "global":
+            self.bias += self.bias_lr * (self._batch_bias - float(self.bias))
         rho = self._batch_density
         self._density_ema = rho if self._density_ema is None else 0.95 * self._density_ema + 0.05 * rho
         self._batch_density = None
@@ -207,6 +248,8 @@ class SparCode(TokenCross):
     def epoch_stats(self) -> dict[str, Any]:
         stats = self.quantizer.usage_stats(reset=True)
         stats["bias"] = round(float(self.bias), 4)
+        if self.cut == "row":
+            stats["row_density"] = round(float(self.row_density), 4)
         stats["logit_scale"] = round(float(self.log_logit_scale.detach().exp()), 3)
         stats["train_density"] = None if self._density_ema is None else round(self._density_ema, 4)
         stats["probe_density"] = round(self.probe_density(), 4)
@@ -256,8 +299,12 @@ class SparCode(TokenCross):
         z = self.quantizer.decode(ids)
         blocks = []
         for s in range(0, len(z), self.CODE_BLOCK):
-            g = self.interaction.table(self.interaction.code_side(z[s : s + self.CODE_BLOCK]), side)
-            blocks.append(F.relu(self._normalise_rows(g) + self.bias))
+            g = self._normalise_rows(
+                self.interaction.table(self.interaction.code_side(z[s : s + self.CODE_BLOCK]), side)
+            )
+            if self.cut == "row":
+                g = g - self.row_thresholds(g[:, 1:], float(self.row_density))
+            blocks.append(F.relu(g + self.bias))
         out = torch.cat(blocks)[:n]
         out[:, 0] = 0.0
         return out if items is None else out[:, items.reshape(-1)]
@@ -289,6 +336,7 @@ class SparCode(TokenCross):
         self.quantizer.initted.fill_(False)
         self.bias_initted.fill_(False)
         self.n_steps.zero_()
+        self.row_density.fill_(1.0)
         self.quantize_after = 0  # the tokens are trained already: k-means of them now, or of the first batch
         if queries is not None:
             with torch.no_grad():

@@ -77,7 +77,7 @@ class TrainSpec:
     interaction: str | None  # model.interaction (sparcode, all-to-all)
     seed: int
     overrides: tuple[str, ...]
-    init_from: TrainSpec | None = None  # warm start (sparcode from the same-seed two-tower run)
+    init_from: TrainSpec | None = None  # warm start (sparcode, all-to-all: the same-seed two-tower run)
     variant: tuple[tuple[str, Any], ...] = ()  # sweep values, e.g. (("n_codewords", 16), ("k_u", 1))
 
     @property
@@ -259,7 +259,7 @@ def expand(
             cell(p, "main", "exact")
         for enc in encoders:
             for seed in seeds:
-                if "two-tower" in models or (warm and "sparcode" in models):
+                if "two-tower" in models or (warm and ("sparcode" in models or "all-to-all" in models)):
                     t = run(dataset, "two-tower", seed, enc)
                     tt[(enc, seed)] = t
                     if "two-tower" in models:
@@ -270,7 +270,9 @@ def expand(
                         s = run(dataset, "sparcode", seed, enc, inter, tt.get((enc, seed)) if warm else None)
                         cell(s, "main", "sparse")
                     if "all-to-all" in models:
-                        a = run(dataset, "all-to-all", seed, enc, inter)
+                        a = run(
+                            dataset, "all-to-all", seed, enc, inter, tt.get((enc, seed)) if warm else None
+                        )
                         cell(a, "main", "exact")
         enc0, inter0 = encoders[0], interactions[0]
         if "bias" in sweeps_on and "sparcode" in models:

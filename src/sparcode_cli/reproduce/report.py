@@ -604,8 +604,8 @@ def write_report(
             else ""
         )
         + f"; full ranking over all items with every history item masked; seeds {seeds}; a fixed sample budget per "
-        f"run (train.max_steps at batch 512: {budgets}; sparcode starts from the same-seed two-tower run"
-        f"{'' if plan.spec.get('warm_start', True) else ' — off here'}, and its train time includes that run's); "
+        f"run (train.max_steps at batch 512: {budgets}; sparcode and all-to-all start from the same-seed two-tower run"
+        f"{'' if plan.spec.get('warm_start', True) else ' — off here'}, and their train time includes that run's); "
         f"early stopping on validation Recall@20 keeps the best checkpoint. Training: {plan.settings['jobs']} "
         f"parallel runs x {plan.settings['train_threads']} torch thread(s). Evaluation: alone, QPS = batch queries "
         f"per second over all evaluated users, retrieval only, at 1 thread and at {threads}."

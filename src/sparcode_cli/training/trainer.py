@@ -365,6 +365,8 @@ def train(
     def run_eval(tag: str, epoch: int) -> dict[str, float]:
         res = evaluate(model, ds, "valid", DEFAULT_KS, batch_size=int(tc["eval_batch_size"]), device=device)
         metric = res.summary[EARLY_STOP_METRIC]
+        if not model.selectable():
+            return {**res.summary, "_tag": tag + " (warm-up)"}
         if metric > st["best_metric"]:
             st["best_metric"], st["best_epoch"], st["bad_evals"] = metric, epoch, 0
             tag += " *"
