@@ -164,6 +164,15 @@ def test_score_all_is_the_sum_of_the_users_code_rows(kind: str) -> None:
         # a subset of items gives the same values
         items = torch.tensor([3, 1, 7, 50])
         assert torch.equal(model.score_codes(uniq, items), rows[:, items])
+        # the eval-mode row cache: a second pass is served from it, identically; a new bias is never served stale
+        assert len(model._row_cache) == len(uniq)
+        assert torch.equal(model.score_all(q), scores)
+        model.bias.fill_(float(model.bias) + 2.0)
+        denser = model.score_all(q)
+        model.clear_cache()
+        assert (
+            torch.equal(denser, model.score_all(q)) and (denser[:, 1:] > 0).sum() > (scores[:, 1:] > 0).sum()
+        )
 
 
 def test_all_to_all_score_all_is_the_sum_over_tokens() -> None:
