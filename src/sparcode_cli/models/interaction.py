@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparcode_cli.models import fused_table
 from sparcode_cli.models.base import DataContext, QueryBatch, Recommender
 from sparcode_cli.models.encoders import ItemEncoder, build_query_encoder
 
@@ -111,7 +112,10 @@ class Interaction(nn.Module):
         dot = c.z @ it.tsum.T / self.tau
         if self.kind == "mlp":
             if len(self.deep) == 0:  # the default one-hidden-layer h: a fused, cache-sized, chunked kernel
-                return dot + _SplitMLP.apply(c.a, it.b, self.out.weight.reshape(-1))
+                w = self.out.weight.reshape(-1)
+                if fused_table.usable(c.a):  # inference on the CPU: the compiled kernel (~15x faster)
+                    return dot + fused_table.split_mlp_table(c.a, it.b, w)
+                return dot + _SplitMLP.apply(c.a, it.b, w)
             return dot + self._mlp_tail(c.a[:, None, None, :] + it.b.unsqueeze(0))
         n_items, k_i, h = it.b.shape
         logits = (c.a @ it.b.reshape(-1, h).T).reshape(-1, n_items, k_i)  # (C, I, K_i)
