@@ -37,7 +37,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--two-tower-steps", type=int, default=400)
-    ap.add_argument("--sparcode-steps", type=int, default=200)
+    # past SparCode's 300-step density warm-up: checkpoints are only selected at the final density
+    ap.add_argument("--sparcode-steps", type=int, default=400)
+    ap.add_argument("--all-to-all-steps", type=int, default=400, help="0 = no all-to-all record")
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--exact-users", type=int, default=1000, help="users for the exact overlap@K reference")
     ap.add_argument("--work", type=Path, default=ROOT / "bench", help="runs/ and out/ go here (git-ignored)")
@@ -60,7 +62,7 @@ def main() -> None:
     from sparcode_cli.config import load_config, run_id
     from sparcode_cli.data.preprocess import prepare
     from sparcode_cli.data.store import load_dataset
-    from sparcode_cli.evaluation import evaluate_index
+    from sparcode_cli.evaluation import evaluate_index, evaluate_run
     from sparcode_cli.indexing import build_index, versions
     from sparcode_cli.models import load_checkpoint
     from sparcode_cli.retrieval import faiss_index as fi
@@ -78,9 +80,7 @@ def main() -> None:
     )
 
     def ensure_run(ds, model: str, steps: int, init_from: Path | None = None) -> tuple[Path, float]:
-        over = [f"train.max_steps={steps}", f"train.threads={args.threads}"]
-        if model == "sparcode":
-            over.append("train.eval_batch_size=2048")  # fewer code rows rescored per validation user
+        over = [f"train.max_steps={steps}", f"train.threads={args.threads}"] if steps else []
         cfg = load_config(model, overrides=over)
         ident = ds.data_hash
         if init_from is not None:
@@ -89,7 +89,7 @@ def main() -> None:
         last = run_dir / "checkpoint_last.pt"
         if last.is_file():
             ck = load_checkpoint(last)
-            if ck.get("status") in ("finished", "max-steps", "early-stopped"):
+            if ck.get("status") in ("finished", "max-steps", "early-stopped", "fitted"):
                 console.print(f"  reusing {run_dir.name} ({ck['step']} steps, {ck['train_time_s']:.1f} s)")
                 return run_dir, float(ck["train_time_s"])
         console.print(f"  training {model} for {steps} steps ...")
@@ -122,19 +122,33 @@ def main() -> None:
             ("faiss-flat", tt_run, {"faiss_kind": "flat"}, tt_s),
             ("faiss-hnsw", tt_run, {"faiss_kind": "hnsw"}, tt_s),
         ]
+        exact = [("popularity", ensure_run(ds, "popularity", 0)[0], 0.0)]
+        if args.all_to_all_steps > 0:
+            a2a_run, a2a_s = ensure_run(ds, "all-to-all", args.all_to_all_steps, init_from=tt_run)
+            exact.append(("all-to-all (brute force)", a2a_run, tt_s + a2a_s))
         by: dict[str, dict] = {}
-        for retriever, run, opts, train_s in builds:
+        jobs = [(r, run, opts, s, True) for r, run, opts, s in builds]
+        jobs += [(r, run, {}, s, False) for r, run, s in exact]
+        for retriever, run, opts, train_s, indexed in jobs:
             folder = out / retriever
-            m = build_index(run, folder, ds=ds, threads=args.threads, progress=False, **opts)
-            r = evaluate_index(
-                folder,
-                ds,
-                "test",
-                (20, 50),
-                args.threads,
-                latency_queries=args.latency_queries,
-                exact_users=args.exact_users,
-            )
+            if indexed:
+                m = build_index(run, folder, ds=ds, threads=args.threads, progress=False, **opts)
+                r = evaluate_index(
+                    folder,
+                    ds,
+                    "test",
+                    (20, 50),
+                    args.threads,
+                    latency_queries=args.latency_queries,
+                    exact_users=args.exact_users,
+                )
+            else:  # no index: every item scored (score_all), timing includes query encoding
+                r = evaluate_run(
+                    run, ds, "test", (20, 50), args.threads, latency_queries=args.latency_queries,
+                    write=False, progress=False,
+                )  # fmt: skip
+                m = {"model": load_checkpoint(run)["model"], "run_id": run.name, "index_bytes": None,
+                     "build_s": None}  # fmt: skip
             rec = {
                 "dataset": name,
                 "retriever": retriever,
@@ -166,10 +180,10 @@ def main() -> None:
             }
             by[retriever] = rec
             records.append(rec)
+            mib = "-" if rec["index_bytes"] is None else f"{rec['index_bytes'] / 2**20:.1f}"
             console.print(
-                f"  {retriever:<19} R@50 {rec['recall_at_50']:.4f}  overlap@50 {rec['overlap_at_50']:.4f}  "
-                f"QPS {rec['qps_batch']:,.0f}  p50 {rec['latency_p50_ms']:.3f} ms  "
-                f"{rec['index_bytes'] / 2**20:.1f} MiB"
+                f"  {retriever:<24} R@50 {rec['recall_at_50']:.4f}  overlap@50 {rec['overlap_at_50']:.4f}  "
+                f"QPS {rec['qps_batch']:,.0f}  p50 {rec['latency_p50_ms']:.3f} ms  {mib} MiB"
             )
         mm = matmul_pairs_per_s(sc_run, ds.n_items, torch)
         flat = by["faiss-flat"]
@@ -248,7 +262,7 @@ def print_table(records: list[dict], Table, console) -> None:  # noqa: ANN001, N
             f(r["qps_batch"], ",.0f"),
             f(r["latency_p50_ms"], ".3f"),
             f(r["latency_p99_ms"], ".3f"),
-            f(r["index_bytes"] / 2**20, ".1f"),
+            f(None if r["index_bytes"] is None else r["index_bytes"] / 2**20, ".1f"),
             str(r["users_on_the_fly"]),
             f(r.get("qps_vs_flat"), ".2f"),
             f(r.get("build_vs_matmul"), ".3f"),
