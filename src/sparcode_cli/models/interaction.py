@@ -137,6 +137,10 @@ class Interaction(nn.Module):
     def table_chunked(self, z: Tensor, it: ItemSide, max_elems: int = 1 << 23) -> Tensor:
         """`table` for many codes z (C, D), in chunks of codes bounded by `max_elems` intermediate floats."""
         per_code = max(1, it.b.shape[0] * it.b.shape[1] * self.hidden)
+        if self.kind == "mlp" and len(self.deep) == 0 and fused_table.usable(z):
+            # the compiled kernel keeps no (C, I, K_i, H) intermediate: bound the output instead, so the item
+            # side streams through the cache once per ~hundreds of codes, not once per ~3 (Gowalla)
+            per_code = max(1, it.b.shape[0])
         step = max(1, max_elems // per_code)
         return torch.cat([self.table(self.code_side(z[s : s + step]), it) for s in range(0, len(z), step)])
 
