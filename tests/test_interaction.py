@@ -190,16 +190,21 @@ def test_all_to_all_score_all_is_the_sum_over_tokens() -> None:
     assert torch.isinf(scores[:, 0]).all()
 
 
-def test_warm_start_from_two_tower() -> None:
+def _two_tower_ckpt(*extra: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(data, two-tower model, its checkpoint dict): a small untrained two-tower of dim 8 to warm-start from."""
     from sparcode_cli.models import make_checkpoint
 
     ds = checkerboard()
     torch.manual_seed(0)
     tt_keys = [k for k in SMALL if "token_dim" not in k and "interaction" not in k]
-    tt_cfg = load_config("two-tower", overrides=[*tt_keys, "model.dim=8"])
+    tt_cfg = load_config("two-tower", overrides=[*tt_keys, "model.dim=8", *extra])
     tt = build_model("two-tower", tt_cfg["model"], DataContext.from_dataset(ds))
     attach_features(tt, ds.features)
-    ckpt = make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
+    return ds, tt, make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
+
+
+def test_warm_start_from_two_tower() -> None:
+    ds, tt, ckpt = _two_tower_ckpt()
     sc, _ = small_model(
         "sparcode", "model.dim=8", "model.token_dim=8", "model.n_codewords=8", "model.head_noise=0.05"
     )
@@ -226,15 +231,7 @@ def test_warm_start_from_two_tower() -> None:
 
 
 def test_head_noise_separates_the_user_tokens() -> None:
-    from sparcode_cli.models import make_checkpoint
-
-    ds = checkerboard()
-    torch.manual_seed(0)
-    tt_keys = [k for k in SMALL if "token_dim" not in k and "interaction" not in k]
-    tt = build_model("two-tower", load_config("two-tower", overrides=[*tt_keys, "model.dim=8"])["model"],
-                     DataContext.from_dataset(ds))  # fmt: skip
-    attach_features(tt, ds.features)
-    ckpt = make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
+    ds, tt, ckpt = _two_tower_ckpt()
     q = _queries(ds, 16)
     spread = {}
     for noise in (0.05, 1.0):
@@ -250,13 +247,7 @@ def test_head_noise_separates_the_user_tokens() -> None:
 
 def test_warm_start_across_dropout_settings() -> None:
     """Parameter names do not depend on dropout, so a two-tower trained with it warm-starts one without."""
-    from sparcode_cli.models import make_checkpoint
-
-    ds = checkerboard()
-    tt_keys = [k for k in SMALL if "token_dim" not in k and "interaction" not in k]
-    tt_cfg = load_config("two-tower", overrides=[*tt_keys, "model.dim=8", "model.dropout=0.2"])
-    tt = build_model("two-tower", tt_cfg["model"], DataContext.from_dataset(ds))
-    ckpt = make_checkpoint(tt, {"model": dict(tt.cfg)}, with_rng=False)
+    ds, tt, ckpt = _two_tower_ckpt("model.dropout=0.2")
     sc, _ = small_model(
         "sparcode", "model.dim=8", "model.token_dim=8", "model.n_codewords=8", "model.dropout=0.0"
     )

@@ -99,6 +99,10 @@ class Interaction(nn.Module):
             return ItemSide(t.sum(-2), self.item_proj(t))
         return ItemSide(t.sum(-2), self.item_proj(t), self.value_proj(t))
 
+    def _compiled(self, x: Tensor) -> bool:
+        """Whether `table` takes the compiled kernel (one-hidden-layer mlp, CPU float32, no autograd)."""
+        return self.kind == "mlp" and len(self.deep) == 0 and fused_table.usable(x)
+
     # -- pairs -------------------------------------------------------------------------------------------
     def _mlp_tail(self, x: Tensor) -> Tensor:
         """x (..., K_i, H) first-layer pre-activations -> (...) sum_j MLP."""
@@ -113,7 +117,7 @@ class Interaction(nn.Module):
         if self.kind == "mlp":
             if len(self.deep) == 0:  # the default one-hidden-layer h: a fused, cache-sized, chunked kernel
                 w = self.out.weight.reshape(-1)
-                if fused_table.usable(c.a):  # inference on the CPU: the compiled kernel (~15x faster)
+                if self._compiled(c.a):  # inference on the CPU: the compiled kernel (~15x faster)
                     return dot + fused_table.split_mlp_table(c.a, it.b, w)
                 return dot + _SplitMLP.apply(c.a, it.b, w)
             return dot + self._mlp_tail(c.a[:, None, None, :] + it.b.unsqueeze(0))
@@ -137,7 +141,7 @@ class Interaction(nn.Module):
     def table_chunked(self, z: Tensor, it: ItemSide, max_elems: int = 1 << 23) -> Tensor:
         """`table` for many codes z (C, D), in chunks of codes bounded by `max_elems` intermediate floats."""
         per_code = max(1, it.b.shape[0] * it.b.shape[1] * self.hidden)
-        if self.kind == "mlp" and len(self.deep) == 0 and fused_table.usable(z):
+        if self._compiled(z):
             # the compiled kernel keeps no (C, I, K_i, H) intermediate: bound the output instead, so the item
             # side streams through the cache once per ~hundreds of codes, not once per ~3 (Gowalla)
             per_code = max(1, it.b.shape[0])
