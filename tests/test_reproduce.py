@@ -81,6 +81,27 @@ def test_reproduce_full_adds_encoders_interactions_and_the_gowalla_sample() -> N
     assert g_all and all(e.users == "all" and e.train.model != "all-to-all" for e in g_all)
     assert not plan.evals_of("main-all", "movielens")
     assert all(e.users == "all" for e in plan.evals_of("main", "movielens"))
+    # dataset_max_steps: gowalla's own two-tower budget; every other run keeps the matrix's budget
+    steps = {
+        (t.dataset, t.model): o
+        for t in plan.trains
+        if not t.variant
+        for o in t.overrides
+        if o.startswith("train.max_steps=")
+    }
+    g_tt = plan.spec["dataset_max_steps"]["gowalla"]["two-tower"]
+    assert g_tt != plan.spec["max_steps"]["two-tower"]
+    assert steps[("gowalla", "two-tower")] == f"train.max_steps={g_tt}"
+    assert steps[("movielens", "two-tower")] == f"train.max_steps={plan.spec['max_steps']['two-tower']}"
+    assert steps[("gowalla", "sparcode")] == f"train.max_steps={plan.spec['max_steps']['sparcode']}"
+
+
+def test_reproduce_full_reuses_the_model_table_runs() -> None:
+    """Same budgets and settings as the `models` matrix: its runs are the full matrix's, not trained twice."""
+    full = expand("reproduce-full", datasets=["movielens-100k"])
+    models = expand("models", datasets=["movielens-100k"])
+    configs = {(t.key, tuple(sorted(t.overrides))) for t in full.trains if not t.variant}
+    assert {(t.key, tuple(sorted(t.overrides))) for t in models.trains} <= configs
 
 
 def test_matrix_errors_name_the_bad_key() -> None:
@@ -91,6 +112,9 @@ def test_matrix_errors_name_the_bad_key() -> None:
         expand("reproduce", raw={"reproduce": {"datasets": ["x"], "models": ["bert"]}})
     with pytest.raises(UserError, match="no matrix"):
         expand("nope", raw={"reproduce": {}})
+    bad_budget = {"reproduce": {"datasets": ["x"], "dataset_max_steps": {"x": {"bert": 5}}}}
+    with pytest.raises(UserError, match="dataset_max_steps.x"):
+        expand("reproduce", raw=bad_budget)
     assert matrix.dataset_label("data/my file.csv") == "my file"
     assert matrix.dataset_label("movielens-1m") == "movielens-1m"
 

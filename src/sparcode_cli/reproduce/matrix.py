@@ -50,6 +50,7 @@ MATRIX_KEYS = {
     "set",
     "model_set",
     "max_steps",
+    "dataset_max_steps",
     "eval_users",
 }
 SWEEP_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -200,6 +201,14 @@ def expand(
     seeds = [int(s) for s in _list(spec, "seeds", matrix)] or [0]
     budgets = {str(k): int(v) for k, v in dict(spec.get("max_steps", {})).items()}
     _check(list(budgets), MODELS, "model in max_steps")
+    # per-dataset budgets on top of max_steps, e.g. a bigger catalogue needing more two-tower steps
+    ds_budgets: dict[str, dict[str, int]] = {}
+    for ds_name, table in dict(spec.get("dataset_max_steps", {})).items():
+        if not isinstance(table, dict):
+            raise UserError(f"{matrix}.dataset_max_steps.{ds_name} must be a table of model = steps")
+        _check(list(table), MODELS, f"model in dataset_max_steps.{ds_name}")
+        ds_budgets[str(ds_name)] = {str(k): int(v) for k, v in table.items()}
+    spec["dataset_max_steps"] = ds_budgets
     common = [str(s) for s in _list(spec, "set", matrix)]
     model_set = {str(k): [str(x) for x in v] for k, v in dict(spec.get("model_set", {})).items()}
     _check(list(model_set), MODELS, "model in model_set")
@@ -222,7 +231,7 @@ def expand(
         extra: tuple[str, ...] = (),
     ) -> TrainSpec:
         ov = [*common, *model_set.get(model, []), *extra, f"train.seed={seed}"]
-        budget = steps if steps else budgets.get(model, 0)
+        budget = steps if steps else {**budgets, **ds_budgets.get(dataset, {})}.get(model, 0)
         if budget and model != "popularity":
             ov.append(f"train.max_steps={budget}")
         if encoder is not None:

@@ -595,7 +595,8 @@ def write_report(
         f"{info['reused']} reused from earlier invocations)."
     )
     L.append("")
-    budgets = ", ".join(f"{k} {v}" for k, v in (info.get("max_steps") or {}).items())
+    steps = {**(info.get("max_steps") or {}), **(info.get("dataset_max_steps") or {}).get(dataset, {})}
+    budgets = ", ".join(f"{k} {v}" for k, v in steps.items())
     L.append(
         f"Protocol: split `{split}`, {n_users if n_users is not None else '?'} evaluated users"
         + (

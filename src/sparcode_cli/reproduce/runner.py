@@ -342,6 +342,7 @@ def _run_plan(plan: Plan, mirror: str | None, console: Console, report_only: boo
             "machine": machine(),
             "settings": plan.settings,
             "max_steps": plan.spec.get("max_steps", {}),
+            "dataset_max_steps": plan.spec.get("dataset_max_steps", {}),
             "seeds": plan.spec.get("seeds", []),
             "report_only": report_only,
         }
