@@ -65,8 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparcode_cli.models import fused_table
 from sparcode_cli.models.base import DataContext, QueryBatch, TrainOutput
-from sparcode_cli.models.interaction import TokenCross
+from sparcode_cli.models.interaction import CodeSide, TokenCross
 from sparcode_cli.models.quantizer import ProductQuantizer
 
 
@@ -95,6 +96,7 @@ class SparCode(TokenCross):
 
     PROBE_CODES, PROBE_ITEMS, PROBE_SEED = 256, 1024, 20231130
     CODE_BLOCK = 32
+    COMPILED_BLOCK = 256  # codes per compiled-kernel call, a multiple of CODE_BLOCK; (256 x 41k items x 4 B = 42 MB on Gowalla)
     ROW_CACHE_BYTES = 1 << 30  # eval-mode cache of code rows (score_all)
     STD_EPS = 1e-6
 
@@ -296,6 +298,41 @@ class SparCode(TokenCross):
         # matrix products and row reductions of one shape, so a code's row is bit-identical however the caller
         # chunks code ids (BLAS takes other paths, with other rounding, for very few rows).
         n = len(ids)
+        pad = (-n) % self.CODE_BLOCK
+        if pad:
+            ids = torch.cat([ids, ids[-1:].expand(pad)]) if n else ids.new_zeros(self.CODE_BLOCK)
+        z = self.quantizer.decode(ids)
+        blocks = []
+        if self.cut == "row" and self.interaction._compiled(side.b):
+            # the compiled kernels compute every element and every row's cut on their own: only the code side
+            # (a matmul) needs the fixed blocks, the table and the cut take COMPILED_BLOCK codes per call
+            for s in range(0, len(z), self.COMPILED_BLOCK):
+                zb = z[s : s + self.COMPILED_BLOCK]
+                sides = [
+                    self.interaction.code_side(zb[p : p + self.CODE_BLOCK])
+                    for p in range(0, len(zb), self.CODE_BLOCK)
+                ]
+                cs = CodeSide(torch.cat([c.z for c in sides]), torch.cat([c.a for c in sides]))
+                g = self.interaction.table(cs, side)
+                std = self.row_norm == "standard"
+                blocks.append(
+                    fused_table.row_cut(g, float(self.row_density), float(self.bias), std, self.STD_EPS)
+                )
+            out = torch.cat(blocks)[:n]
+            return out if items is None else out[:, items.reshape(-1)]
+        for s in range(0, len(z), self.CODE_BLOCK):
+            g = self._normalise_rows(
+                self.interaction.table(self.interaction.code_side(z[s : s + self.CODE_BLOCK]), side)
+            )
+            if self.cut == "row":
+                g = g - self.row_thresholds(g[:, 1:], float(self.row_density))
+            blocks.append(F.relu(g + self.bias))
+        out = torch.cat(blocks)[:n]
+        out[:, 0] = 0.0
+        return out if items is None else out[:, items.reshape(-1)]
+        # Fixed blocks of CODE_BLOCK codes (the last one padded by repetition): every row goes through
+        # matrix products and row reductions of one shape, so a code's row is bit-identical however the caller
+        # chunks code ids (BLAS takes other paths, with other rounding, for very few rows).
         pad = (-n) % self.CODE_BLOCK
         if pad:
             ids = torch.cat([ids, ids[-1:].expand(pad)]) if n else ids.new_zeros(self.CODE_BLOCK)
