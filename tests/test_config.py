@@ -110,6 +110,18 @@ def test_hash_and_run_id() -> None:
     assert run_id(cfg, "movielens", "abc").startswith("two-tower-movielens-")
 
 
+def test_a_newer_key_at_its_old_behaviour_keeps_the_run_id() -> None:
+    """model.quantizer came after runs existed: "product" (the old behaviour) leaves the hash as it was."""
+    cfg = load_config("sparcode")
+    assert cfg["model"]["quantizer"] == "product"
+    old = {s: {k: v for k, v in cfg[s].items() if (s, k) != ("model", "quantizer")} for s in cfg}
+    assert config_hash(cfg, "d", 0) == config_hash(old, "d", 0)
+    residual = load_config("sparcode", overrides=["model.quantizer=residual"])
+    assert config_hash(residual, "d", 0) != config_hash(cfg, "d", 0)
+    with pytest.raises(UserError, match="quantizer"):
+        load_config("sparcode", overrides=["model.quantizer=lattice"])
+
+
 def test_to_toml_round_trip() -> None:
     cfg = load_config("two-tower", overrides=["train.lr=1e-05", 'model.query_encoder="sasrec"'])
     assert tomllib.loads(to_toml(cfg, header="resolved")) == cfg

@@ -58,6 +58,24 @@ LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
         0.5,
     ),  # noqa: E501
     (
+        "sparcode",
+        [
+            "model.quantizer=residual",
+            "model.dim=16",
+            "model.emb_dim=16",
+            "model.hidden=32",
+            "model.max_history=8",
+            "model.token_dim=16",
+            "model.n_codewords=16",
+            "model.interaction_hidden=16",
+            "model.target_density=0.3",
+            "model.density_warmup=60",
+            "train.lr=0.01",
+        ],
+        500,
+        0.5,
+    ),
+    (
         "all-to-all",
         [
             "model.dim=16",
@@ -84,7 +102,9 @@ def _cfg(name: str, overrides: list[str], steps: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "name, overrides, steps, min_recall", LEARNED_MODELS, ids=[m[0] for m in LEARNED_MODELS]
+    "name, overrides, steps, min_recall",
+    LEARNED_MODELS,
+    ids=[m[0] + ("-residual" if "model.quantizer=residual" in m[1] else "") for m in LEARNED_MODELS],
 )
 def test_learns_checkerboard(board: Any, tmp_path: Path, name: str, overrides: list[str], steps: int,
                              min_recall: float) -> None:  # fmt: skip
@@ -100,7 +120,9 @@ def test_learns_checkerboard(board: Any, tmp_path: Path, name: str, overrides: l
 
 
 @pytest.mark.parametrize(
-    "name, overrides, steps, min_recall", LEARNED_MODELS, ids=[m[0] for m in LEARNED_MODELS]
+    "name, overrides, steps, min_recall",
+    LEARNED_MODELS,
+    ids=[m[0] + ("-residual" if "model.quantizer=residual" in m[1] else "") for m in LEARNED_MODELS],
 )
 def test_interface(board: Any, name: str, overrides: list[str], steps: int, min_recall: float) -> None:
     cfg = _cfg(name, overrides, steps)

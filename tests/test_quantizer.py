@@ -135,3 +135,50 @@ def test_kmeans_init_and_usage_stats() -> None:
 def test_bad_shapes() -> None:
     with pytest.raises(ValueError):
         ProductQuantizer(5, 2, 4)
+
+
+# ------------------------------------------------------------------------------------------------ residual
+def test_residual_stages_quantize_what_the_earlier_left() -> None:
+    torch.manual_seed(0)
+    rq = ProductQuantizer(4, 3, 5, residual=True).eval()
+    assert rq.codebooks.shape == (3, 5, 4)  # full-width codewords
+    z = torch.randn(40, 4)
+    zq, ids, _ = rq(z)
+    t = rq.tuples_from_ids(ids)
+    r = z.clone()
+    for m in range(3):  # greedy: each stage the nearest codeword to the residual left by the earlier ones
+        assert torch.equal(t[:, m], torch.cdist(r, rq.codebooks[m]).argmin(1))
+        r = r - rq.codebooks[m][t[:, m]]
+    torch.testing.assert_close(zq, sum(rq.codebooks[m][t[:, m]] for m in range(3)))
+    torch.testing.assert_close(rq.decode(ids), zq)
+    ProductQuantizer(5, 2, 4, residual=True)  # no divisibility needed
+
+
+def test_residual_uses_more_codes_when_tokens_vary_in_few_directions() -> None:
+    """Tokens on a 1-D curve: product chunks move together (few tuples); residual stages refine each other."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(4000, 1, generator=g) * 6 - 3
+    z = torch.cat([torch.sin(s), torch.cos(s), s / 3, s * s / 9], 1) + 0.01 * torch.randn(
+        4000, 4, generator=g
+    )
+    out = {}
+    for residual in (False, True):
+        q = ProductQuantizer(4, 2, 16, residual=residual, kmeans_iters=20).train()
+        q.init_from(z)
+        q.eval()
+        zq, ids, _ = q(z)
+        out[residual] = (len(torch.unique(ids)), float(((zq - z) ** 2).sum(1).mean()))
+    (n_pq, err_pq), (n_rq, err_rq) = out[False], out[True]
+    assert n_rq > 2 * n_pq and err_rq < err_pq / 3  # measured: 32 vs 104 tuples, 0.017 vs 0.0025
+
+
+def test_residual_ema_and_restarts_train_every_stage() -> None:
+    torch.manual_seed(0)
+    rq = ProductQuantizer(4, 2, 4, residual=True, kmeans_iters=5).train()
+    x = torch.randn(256, 4)
+    for _ in range(30):
+        rq(x)
+    stats = rq.usage_stats()
+    assert stats["codes_in_use"] == [4, 4] and stats["distinct_tuples"] > 4
+    # the second stage's codewords are residual-sized: smaller than the first's
+    assert rq.codebooks[1].norm(dim=1).mean() < rq.codebooks[0].norm(dim=1).mean()

@@ -67,10 +67,14 @@ CHOICES = {
     ("train", "negatives"): ("uniform", "in-batch", "mixed"),
     ("model", "query_encoder"): ("dnn", "sasrec"),
     ("model", "similarity"): ("cosine", "dot"),
+    ("model", "quantizer"): ("product", "residual"),
 }
 
 # Keys that do not change what a run computes: left out of the run id, so a resumed run may change them.
 NOT_IDENTITY = {("train", "threads"), ("train", "eval_batch_size")}
+# Keys added after runs existed, left out of the run id while they hold the value that reproduces the older
+# behaviour, so those runs keep their ids (and are reused, not retrained).
+IDENTITY_UNLESS_CHANGED = {("model", "quantizer"): "product"}
 
 
 def experiments_dir() -> Path:
@@ -269,7 +273,14 @@ def nullable(value: Any) -> Any:
 
 def config_hash(cfg: dict[str, Any], data_hash: str, seed: int) -> str:
     """hash8 of the resolved config (minus keys that do not change results), the data hash and the seed."""
-    ident = {s: {k: v for k, v in cfg[s].items() if (s, k) not in NOT_IDENTITY} for s in cfg}
+    ident = {
+        s: {
+            k: v
+            for k, v in cfg[s].items()
+            if (s, k) not in NOT_IDENTITY and IDENTITY_UNLESS_CHANGED.get((s, k), object()) != v
+        }
+        for s in cfg
+    }
     blob = json.dumps({"config": ident, "data": data_hash, "seed": int(seed)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -110,6 +110,7 @@ class SparCode(TokenCross):
             decay=float(cfg.get("ema_decay", 0.99)),
             dead_threshold=float(cfg.get("dead_threshold", 0.0625)),
             kmeans_iters=int(cfg.get("kmeans_iters", 10)),
+            residual=self._quantizer_kind(cfg) == "residual",
         )
         self.target_density = float(cfg.get("target_density", 0.05))
         self.density_warmup = int(cfg.get("density_warmup", 300))
@@ -136,6 +137,13 @@ class SparCode(TokenCross):
         self._density_ema: float | None = None
         self._row_cache: dict[int, Tensor] = {}
         self._row_cache_key: tuple[float, float] | None = None
+
+    @staticmethod
+    def _quantizer_kind(cfg: dict[str, Any]) -> str:
+        kind = str(cfg.get("quantizer", "product"))
+        if kind not in ("product", "residual"):
+            raise ValueError(f"model.quantizer must be 'product' or 'residual', got {kind!r}")
+        return kind
 
     @property
     def n_codes(self) -> int:
