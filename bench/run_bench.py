@@ -5,7 +5,8 @@
 
 Per dataset (prepared with `--mirror`, default ../shared/data relative to the repository):
 1. train a two-tower and a SparCode model (warm-started from the two-tower run, as DESIGN §2 allows; its
-   training time counts) with a small fixed step budget each; a finished run with the same run id is reused;
+   training time counts) with the `make reproduce-full` step budgets and settings, into its runs folder
+   (experiments/runs): a finished run with the same run id, from either, is reused;
 2. build the SparCode index (the codes training/validation users reach, and the whole N^M universe) and Faiss
    flat and hnsw over the two-tower item vectors;
 3. evaluate each on the test users (sparcode_cli.evaluation.evaluate_index): batch QPS, single-query p50/p99
@@ -36,13 +37,25 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--datasets", default="movielens-100k,gowalla")
     ap.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--two-tower-steps", type=int, default=400)
+    # the `make reproduce-full` budgets (experiments/reproduce.toml), so the bench and the full matrix share runs
+    ap.add_argument(
+        "--two-tower-steps",
+        default="movielens-100k=1000,gowalla=4000",
+        help="N for every dataset, or name=N,... (Gowalla's 41k items need more: 400 steps left its users in 2 "
+        "directions and below popularity)",
+    )
     # past SparCode's 300-step density warm-up: checkpoints are only selected at the final density
     ap.add_argument("--sparcode-steps", type=int, default=400)
     ap.add_argument("--all-to-all-steps", type=int, default=400, help="0 = no all-to-all record")
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        default=ROOT / "experiments" / "runs",
+        help="training runs (reused by run id; the default is `make reproduce-full`'s folder, same configs)",
+    )
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--exact-users", type=int, default=1000, help="users for the exact overlap@K reference")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench", help="runs/ and out/ go here (git-ignored)")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench", help="out/ (the indexes) goes here (git-ignored)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
     return ap.parse_args()
 
@@ -79,13 +92,25 @@ def main() -> None:
         f"datasets {args.datasets}, mirror {args.mirror}"
     )
 
+    def steps_for(dataset: str) -> int:
+        spec = args.two_tower_steps.strip()
+        if "=" not in spec:
+            return int(spec)
+        table = dict(part.split("=", 1) for part in spec.split(",") if part.strip())
+        if dataset not in table:
+            raise SystemExit(f"--two-tower-steps gives no budget for {dataset!r}: {spec}")
+        return int(table[dataset])
+
     def ensure_run(ds, model: str, steps: int, init_from: Path | None = None) -> tuple[Path, float]:
-        over = [f"train.max_steps={steps}", f"train.threads={args.threads}"] if steps else []
+        # the reproduce matrices' settings (train.epochs=1000: the step budget decides), so run ids match theirs
+        over = ["train.epochs=1000", "train.seed=0", f"train.threads={args.threads}"]
+        if steps:
+            over.append(f"train.max_steps={steps}")
         cfg = load_config(model, overrides=over)
         ident = ds.data_hash
         if init_from is not None:
             ident = f"{ds.data_hash}|init={load_checkpoint(init_from)['run_id']}"
-        run_dir = args.work / "runs" / run_id(cfg, ds.name, ident)
+        run_dir = args.runs / run_id(cfg, ds.name, ident)
         last = run_dir / "checkpoint_last.pt"
         if last.is_file():
             ck = load_checkpoint(last)
@@ -96,7 +121,7 @@ def main() -> None:
         res = train(
             ds,
             cfg,
-            args.work / "runs",
+            args.runs,
             resume=last.is_file(),
             init_from=init_from,
             console=Console(file=io.StringIO()),
@@ -113,7 +138,7 @@ def main() -> None:
         console.print(f"[bold]{name}[/]")
         ds = load_dataset(prepare(name, mirror=args.mirror, progress=False))
         console.print(f"  {ds.n_users:,} users, {ds.n_items:,} items, {len(ds.test.users):,} test users")
-        tt_run, tt_s = ensure_run(ds, "two-tower", args.two_tower_steps)
+        tt_run, tt_s = ensure_run(ds, "two-tower", steps_for(name))
         sc_run, sc_s = ensure_run(ds, "sparcode", args.sparcode_steps, init_from=tt_run)
         out = args.work / "out" / name
         builds = [
