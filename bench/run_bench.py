@@ -55,7 +55,9 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--exact-users", type=int, default=1000, help="users for the exact overlap@K reference")
-    ap.add_argument("--work", type=Path, default=ROOT / "bench", help="out/ (the indexes) goes here (git-ignored)")
+    ap.add_argument(
+        "--work", type=Path, default=ROOT / "bench", help="out/ (the indexes) goes here (git-ignored)"
+    )
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
     return ap.parse_args()
 
@@ -71,7 +73,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from sparcode_cli.atomic import write_json
+    from sparcode_cli.atomic import write_json, write_text
     from sparcode_cli.config import load_config, run_id
     from sparcode_cli.data.preprocess import prepare
     from sparcode_cli.data.store import load_dataset
@@ -229,8 +231,10 @@ def main() -> None:
         rec["versions"] = versions()
         rec["cpu"] = cpu_name()
     write_json(args.results, records)
+    md = args.results.with_suffix(".md")
+    write_text(md, markdown(records, args, total))
     print_table(records, Table, console)
-    console.print(f"wrote {args.results} ({total:.0f} s)")
+    console.print(f"wrote {args.results} and {md} ({total:.0f} s)")
 
 
 def matmul_pairs_per_s(run_dir: Path, n_items: int, torch) -> dict:  # noqa: ANN001
@@ -254,6 +258,51 @@ def matmul_pairs_per_s(run_dir: Path, n_items: int, torch) -> dict:  # noqa: ANN
             best = min(best, time.perf_counter() - t0)
     pairs = codes * n_items / best
     return {"pairs_per_s": pairs, "flops_per_pair": 2 * f, "gflops": pairs * 2 * f / 1e9}
+
+
+def markdown(records: list[dict], args: argparse.Namespace, total_s: float) -> str:
+    """bench/results.md: per dataset, every retriever with accuracy and cost side by side, then the ratios."""
+
+    def f(v, fmt: str) -> str:  # noqa: ANN001
+        return "–" if v is None else format(v, fmt)
+
+    first = records[0] if records else {}
+    lines = [
+        "# `make bench`",
+        "",
+        f"{f(first.get('threads'), 'd')} thread(s) (torch, Faiss, numba, BLAS), {first.get('cpu', '?')}; "
+        f"{total_s / 60:.1f} min in all. Test split, full ranking with history masked, every test user. QPS: batch "
+        "queries per second, retrieval only (indexes) or encoding + scoring every item (brute force); p50/p99: "
+        "single-query latency. Build s: the index build (SparCode: scoring and cutting every (code, item) pair "
+        "of the built codes). Training budgets: `make reproduce-full`'s (two-tower "
+        f"{args.two_tower_steps}; SparCode {args.sparcode_steps} and all-to-all {args.all_to_all_steps} steps "
+        "after the two-tower warm start).",
+        "",
+    ]
+    cols = ("retriever", "R@20", "R@50", "N@20", "N@50", "QPS", "p50 ms", "p99 ms", "index MB", "density",
+            "build s", "overlap@50")  # fmt: skip
+    for dataset in dict.fromkeys(r["dataset"] for r in records):
+        rows = [r for r in records if r["dataset"] == dataset]
+        lines += [f"## {dataset} ({rows[0]['n_items']:,} items, {rows[0]['n_test_users']:,} test users)", ""]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
+        for r in rows:
+            mb = None if r["index_bytes"] is None else r["index_bytes"] / 2**20
+            cells = [r["retriever"], f(r["recall_at_20"], ".4f"), f(r["recall_at_50"], ".4f"),
+                     f(r["ndcg_at_20"], ".4f"), f(r["ndcg_at_50"], ".4f"), f(r["qps_batch"], ",.0f"),
+                     f(r["latency_p50_ms"], ".3f"), f(r["latency_p99_ms"], ".3f"), f(mb, ".2f"),
+                     f(r.get("density"), ".4f"), f(r.get("build_s"), ".2f"), f(r["overlap_at_50"], ".4f")]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for r in rows:
+            if r.get("qps_vs_flat") is not None:
+                lines.append(
+                    f"- {r['retriever']}: QPS / Faiss flat **{r['qps_vs_flat']:.2f}**, p50 / flat "
+                    f"{r['p50_vs_flat']:.2f}; build {f(r['build_pairs_per_s'], ',.0f')} pairs/s = "
+                    f"**{r['build_vs_matmul']:.2f}** x the matmul reference ({r['matmul_pairs_per_s']:,.0f} "
+                    f"pairs/s at {r['matmul_flops_per_pair']} flops/pair; scoring alone {r['score_vs_matmul']:.2f} x)"
+                )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def cpu_name() -> str:

@@ -235,11 +235,13 @@ def build_code_index(
     with torch.inference_mode():
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(code_ids, size=min(SAMPLE_CODES, len(code_ids)), replace=False))
+        sample_scores = None
         if len(sample):
-            s = model.score_codes(torch.from_numpy(sample)).cpu().numpy()
-            density = float((s[:, 1:] > 0).mean())
+            sample_scores = model.score_codes(torch.from_numpy(sample)).cpu().numpy()
+            density = float((sample_scores[:, 1:] > 0).mean())
         else:
             density = 0.0
+    sample_s = time.perf_counter() - t_all
     est = estimate_bytes(len(code_ids), n_items, density, max_per_code, min(chunk, max(len(code_ids), 1)))
     budget = int(float(memory_budget_mb) * 2**20)
     if est > budget:
@@ -251,10 +253,16 @@ def build_code_index(
             "fewer codes (--codes reached).",
         )
     builder = CSRBuilder(n_items, max_per_code)
-    score_s = 0.0
+    score_s = sample_s
+    rest = code_ids
+    if sample_scores is not None:  # the sample's rows are index rows already: kept, not scored twice
+        builder.add(sample, sample_scores)
+        rest = code_ids[~np.isin(code_ids, sample)]
+        del sample_scores
     with torch.inference_mode(), _progress(progress, "scoring codes", len(code_ids)) as advance:
-        for s in range(0, len(code_ids), chunk):
-            part = code_ids[s : s + chunk]
+        advance(len(code_ids) - len(rest))
+        for s in range(0, len(rest), chunk):
+            part = rest[s : s + chunk]
             t0 = time.perf_counter()
             scores = model.score_codes(torch.from_numpy(part)).cpu().numpy()
             score_s += time.perf_counter() - t0
