@@ -96,6 +96,15 @@ def test_reproduce_full_adds_encoders_interactions_and_the_gowalla_sample() -> N
     assert steps[("gowalla", "sparcode")] == f"train.max_steps={plan.spec['max_steps']['sparcode']}"
 
 
+def test_each_matrix_reports_into_its_own_folder() -> None:
+    """reproduce-full's movielens.md must not overwrite `make reproduce`'s (the README's table)."""
+    folders = {
+        m: expand(m, datasets=["movielens"]).settings["results"] for m in ("reproduce", "reproduce-full")
+    }
+    assert folders["reproduce"] == "experiments/results"
+    assert folders["reproduce-full"] != folders["reproduce"]
+
+
 def test_reproduce_full_reuses_the_model_table_runs() -> None:
     """Same budgets and settings as the `models` matrix: its runs are the full matrix's, not trained twice."""
     full = expand("reproduce-full", datasets=["movielens-100k"])

@@ -52,6 +52,7 @@ MATRIX_KEYS = {
     "max_steps",
     "dataset_max_steps",
     "eval_users",
+    "results",
 }
 SWEEP_DEFAULTS: dict[str, dict[str, Any]] = {
     "bias": {"density_factors": [4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625]},
@@ -185,6 +186,10 @@ def expand(
             f"unknown key(s) in [{matrix}]: {', '.join(sorted(unknown))}",
             f"valid: {', '.join(sorted(MATRIX_KEYS))}",
         )
+    if (
+        "results" in spec
+    ):  # a matrix's own results folder (reproduce-full's tables next to, not over, reproduce's)
+        settings["results"] = str(spec["results"])
     if datasets:
         spec["datasets"] = list(datasets)
     ds_names = [str(d) for d in _list(spec, "datasets", matrix)]
