@@ -496,7 +496,7 @@ def claims(
         if not r20:
             continue
         if b["b"] == "two-tower":
-            claim = f"SparCode beats two-tower with the same encoder ({b['encoder']})"
+            claim = f"SparCode beats two-tower with the same encoder ({b['a']}, {b['encoder']})"
             paper = "paper: +0.65 to +1.23 points Recall@50 on ML-10M"
             if r20["verdict"] == "a > b":
                 v = "agrees"
@@ -505,7 +505,7 @@ def claims(
             else:
                 v = "not shown (difference within noise)"
         else:
-            claim = f"all-to-all is the ceiling above SparCode ({b['encoder']})"
+            claim = f"all-to-all is the ceiling above SparCode ({b['a']} over {b['b']}, {b['encoder']})"
             paper = "paper: all-to-all SASRec 31.95% vs SparCode SASRec 30.14% Recall@50"
             if r20["verdict"] == "a > b":
                 v = "agrees"
