@@ -134,6 +134,14 @@ def main() -> None:
         console.print(f"  {res.run_id}: {res.steps} steps in {res.train_time_s:.1f} s")
         return res.run_dir, res.train_time_s
 
+    # load the compiled kernels (numba's on-disk cache) once, so the first dataset's build time is the build's
+    from sparcode_cli.models import fused_table
+
+    with torch.inference_mode():
+        z = torch.zeros(4, 8)
+        g = fused_table.split_mlp_table(z, torch.zeros(16, 2, 8), torch.zeros(8), z, torch.zeros(16, 8), 1.0)
+        fused_table.row_cut(torch.cat([g, g], 1), 0.5, 0.0, True, 1e-6)
+
     records: list[dict] = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         t_ds = time.perf_counter()
