@@ -32,6 +32,19 @@ COMMON = [
     "train.patience=0",
 ]
 
+SPARCODE_SMALL = [
+    "model.dim=16",
+    "model.emb_dim=16",
+    "model.hidden=32",
+    "model.max_history=8",
+    "model.token_dim=16",
+    "model.n_codewords=16",
+    "model.interaction_hidden=16",
+    "model.target_density=0.3",
+    "model.density_warmup=60",
+    "train.lr=0.01",
+]
+
 # (model, overrides, step budget, minimum test Recall@10)
 LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
     (
@@ -40,41 +53,8 @@ LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
         150,
         0.5,
     ),
-    (
-        "sparcode",
-        [
-            "model.dim=16",
-            "model.emb_dim=16",
-            "model.hidden=32",
-            "model.max_history=8",
-            "model.token_dim=16",
-            "model.n_codewords=16",
-            "model.interaction_hidden=16",
-            "model.target_density=0.3",
-            "model.density_warmup=60",
-            "train.lr=0.01",
-        ],
-        500,
-        0.5,
-    ),  # noqa: E501
-    (
-        "sparcode",
-        [
-            "model.quantizer=residual",
-            "model.dim=16",
-            "model.emb_dim=16",
-            "model.hidden=32",
-            "model.max_history=8",
-            "model.token_dim=16",
-            "model.n_codewords=16",
-            "model.interaction_hidden=16",
-            "model.target_density=0.3",
-            "model.density_warmup=60",
-            "train.lr=0.01",
-        ],
-        500,
-        0.5,
-    ),
+    ("sparcode", SPARCODE_SMALL, 500, 0.5),
+    ("sparcode", ["model.quantizer=residual", *SPARCODE_SMALL], 500, 0.5),
     (
         "all-to-all",
         [
@@ -91,6 +71,8 @@ LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
     ),  # noqa: E501
 ]
 
+MODEL_IDS = [m[0] + ("-residual" if "model.quantizer=residual" in m[1] else "") for m in LEARNED_MODELS]
+
 
 @pytest.fixture(scope="module")
 def board() -> Any:
@@ -104,7 +86,7 @@ def _cfg(name: str, overrides: list[str], steps: int) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "name, overrides, steps, min_recall",
     LEARNED_MODELS,
-    ids=[m[0] + ("-residual" if "model.quantizer=residual" in m[1] else "") for m in LEARNED_MODELS],
+    ids=MODEL_IDS,
 )
 def test_learns_checkerboard(board: Any, tmp_path: Path, name: str, overrides: list[str], steps: int,
                              min_recall: float) -> None:  # fmt: skip
@@ -122,7 +104,7 @@ def test_learns_checkerboard(board: Any, tmp_path: Path, name: str, overrides: l
 @pytest.mark.parametrize(
     "name, overrides, steps, min_recall",
     LEARNED_MODELS,
-    ids=[m[0] + ("-residual" if "model.quantizer=residual" in m[1] else "") for m in LEARNED_MODELS],
+    ids=MODEL_IDS,
 )
 def test_interface(board: Any, name: str, overrides: list[str], steps: int, min_recall: float) -> None:
     cfg = _cfg(name, overrides, steps)

@@ -338,24 +338,6 @@ class SparCode(TokenCross):
         out = torch.cat(blocks)[:n]
         out[:, 0] = 0.0
         return out if items is None else out[:, items.reshape(-1)]
-        # Fixed blocks of CODE_BLOCK codes (the last one padded by repetition): every row goes through
-        # matrix products and row reductions of one shape, so a code's row is bit-identical however the caller
-        # chunks code ids (BLAS takes other paths, with other rounding, for very few rows).
-        pad = (-n) % self.CODE_BLOCK
-        if pad:
-            ids = torch.cat([ids, ids[-1:].expand(pad)]) if n else ids.new_zeros(self.CODE_BLOCK)
-        z = self.quantizer.decode(ids)
-        blocks = []
-        for s in range(0, len(z), self.CODE_BLOCK):
-            g = self._normalise_rows(
-                self.interaction.table(self.interaction.code_side(z[s : s + self.CODE_BLOCK]), side)
-            )
-            if self.cut == "row":
-                g = g - self.row_thresholds(g[:, 1:], float(self.row_density))
-            blocks.append(F.relu(g + self.bias))
-        out = torch.cat(blocks)[:n]
-        out[:, 0] = 0.0
-        return out if items is None else out[:, items.reshape(-1)]
 
     @torch.no_grad()
     def score_all(self, q: QueryBatch) -> Tensor:
