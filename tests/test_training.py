@@ -242,11 +242,12 @@ def test_nan_loss_stops_with_message(ds: Any, tmp_path: Path, monkeypatch: pytes
 
 def test_ctrl_c_saves_last_checkpoint(ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _patched(monkeypatch, SigintTwoTower)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
     res = quiet_train(ds, cfg, tmp_path)
     assert res.status == "interrupted" and res.steps == 5
     ck = torch.load(res.run_dir / "checkpoint_last.pt", weights_only=True)
     assert ck["step"] == 5 and ck["batch"] == 5 and ck["status"] == "interrupted"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
 
 def test_sasrec_refuses_unordered_data(tmp_path: Path) -> None:
