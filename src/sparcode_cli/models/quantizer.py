@@ -5,8 +5,9 @@ codebook m of N codewords. `residual=True` (model.quantizer = "residual") makes 
 instead: M codebooks of N full D-dim codewords, stage m quantizing what stages 1..m-1 left, ẑ the sum. Product
 chunks of a token are quantized independently, so when tokens vary in few directions the chunks' codes move
 together and few of the N^M tuples occur (Gowalla's undertrained two-tower: 99.5% of the user variance in two
-directions, 237 tuples of 4,096 for 8,000 users; residual: 2,372, and half the squared error). The codebooks are shared by all of a user's K_u tokens. A token's code is the
-tuple (j_1..j_M), its id sum_m j_m * N^(M-1-m) in [0, N^M) (`ids_from_tuples` / `tuples_from_ids`).
+directions, 237 tuples of 4,096 for 8,000 users; residual: 2,372, and half the squared error).
+
+The codebooks are shared by all of a user's K_u tokens. A token's code is the tuple (j_1..j_M), its id sum_m j_m * N^(M-1-m) in [0, N^M) (`ids_from_tuples` / `tuples_from_ids`).
 
 Learning: gradients reach the tokenizer through the straight-through estimator z + sg(ẑ - z); the commitment
 loss beta * mean((z - sg(ẑ))^2) pulls tokens toward their codewords (a mean over tokens and dimensions, the

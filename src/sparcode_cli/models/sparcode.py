@@ -96,7 +96,9 @@ class SparCode(TokenCross):
 
     PROBE_CODES, PROBE_ITEMS, PROBE_SEED = 256, 1024, 20231130
     CODE_BLOCK = 32
-    COMPILED_BLOCK = 256  # codes per compiled-kernel call, a multiple of CODE_BLOCK; (256 x 41k items x 4 B = 42 MB on Gowalla)
+    COMPILED_BLOCK = (
+        256  # codes per compiled-kernel call, a multiple of CODE_BLOCK (42 MB of rows on Gowalla)
+    )
     ROW_CACHE_BYTES = 1 << 30  # eval-mode cache of code rows (score_all)
     STD_EPS = 1e-6
 
@@ -110,7 +112,7 @@ class SparCode(TokenCross):
             decay=float(cfg.get("ema_decay", 0.99)),
             dead_threshold=float(cfg.get("dead_threshold", 0.0625)),
             kmeans_iters=int(cfg.get("kmeans_iters", 10)),
-            residual=self._quantizer_kind(cfg) == "residual",
+            residual=str(cfg.get("quantizer", "product")) == "residual",  # checked by config.CHOICES
         )
         self.target_density = float(cfg.get("target_density", 0.05))
         self.density_warmup = int(cfg.get("density_warmup", 300))
@@ -137,13 +139,6 @@ class SparCode(TokenCross):
         self._density_ema: float | None = None
         self._row_cache: dict[int, Tensor] = {}
         self._row_cache_key: tuple[float, float] | None = None
-
-    @staticmethod
-    def _quantizer_kind(cfg: dict[str, Any]) -> str:
-        kind = str(cfg.get("quantizer", "product"))
-        if kind not in ("product", "residual"):
-            raise ValueError(f"model.quantizer must be 'product' or 'residual', got {kind!r}")
-        return kind
 
     @property
     def n_codes(self) -> int:
@@ -314,6 +309,7 @@ class SparCode(TokenCross):
         if self.cut == "row" and self.interaction._compiled(side.b):
             # the compiled kernels compute every element and every row's cut on their own: only the code side
             # (a matmul) needs the fixed blocks, the table and the cut take COMPILED_BLOCK codes per call
+            std = self.row_norm == "standard"
             for s in range(0, len(z), self.COMPILED_BLOCK):
                 zb = z[s : s + self.COMPILED_BLOCK]
                 sides = [
@@ -322,7 +318,6 @@ class SparCode(TokenCross):
                 ]
                 cs = CodeSide(torch.cat([c.z for c in sides]), torch.cat([c.a for c in sides]))
                 g = self.interaction.table(cs, side)
-                std = self.row_norm == "standard"
                 blocks.append(
                     fused_table.row_cut(g, float(self.row_density), float(self.bias), std, self.STD_EPS)
                 )
