@@ -80,8 +80,9 @@ def main() -> None:
     from sparcode_cli.evaluation import evaluate_index, evaluate_run
     from sparcode_cli.indexing import build_index, versions
     from sparcode_cli.models import load_checkpoint
+    from sparcode_cli.provenance import code_digest, git_commit
     from sparcode_cli.retrieval import faiss_index as fi
-    from sparcode_cli.training.trainer import train
+    from sparcode_cli.training.trainer import run_state, set_aside, train
 
     fi.set_threads(args.threads)  # Faiss OpenMP and torch intra-op
     torch.set_num_interop_threads(1)
@@ -113,6 +114,8 @@ def main() -> None:
         if init_from is not None:
             ident = f"{ds.data_hash}|init={load_checkpoint(init_from)['run_id']}"
         run_dir = args.runs / run_id(cfg, ds.name, ident)
+        if run_state(run_dir) == "stale":  # made by other code: kept aside, trained again
+            console.print(f"  {run_dir.name} was made by other code: moved to {set_aside(run_dir)}")
         last = run_dir / "checkpoint_last.pt"
         if last.is_file():
             ck = load_checkpoint(last)
@@ -191,6 +194,8 @@ def main() -> None:
                 "run_id": m["run_id"],
                 "threads": args.threads,
                 "n_items": ds.n_items,
+                "data_hash": ds.data_hash,
+                "content_digest": ds.meta.get("content_digest"),
                 "n_test_users": r["n_eval_users"],
                 "qps_batch": r["qps_batch"],
                 "latency_p50_ms": r["latency_p50_ms"],
@@ -237,6 +242,8 @@ def main() -> None:
     for rec in records:
         rec["bench_s"] = round(total, 1)
         rec["versions"] = versions()
+        rec["code_digest"] = code_digest()
+        rec["git_commit"] = git_commit()
         rec["cpu"] = cpu_name()
     write_json(args.results, records)
     md = args.results.with_suffix(".md")
@@ -286,12 +293,20 @@ def markdown(records: list[dict], args: argparse.Namespace, total_s: float) -> s
         f"{args.two_tower_steps}; SparCode {args.sparcode_steps} and all-to-all {args.all_to_all_steps} steps "
         "after the two-tower warm start).",
         "",
+        f"Code: commit {first.get('git_commit')}, code digest {first.get('code_digest')}; every run trained by "
+        "that code (a run folder made by other code is set aside, never reused).",
+        "",
     ]
     cols = ("retriever", "R@20", "R@50", "N@20", "N@50", "QPS", "p50 ms", "p99 ms", "index MB", "density",
             "build s", "overlap@50")  # fmt: skip
     for dataset in dict.fromkeys(r["dataset"] for r in records):
         rows = [r for r in records if r["dataset"] == dataset]
-        lines += [f"## {dataset} ({rows[0]['n_items']:,} items, {rows[0]['n_test_users']:,} test users)", ""]
+        lines += [
+            f"## {dataset} ({rows[0]['n_items']:,} items, {rows[0]['n_test_users']:,} test users)",
+            "",
+            f"Processed data `{rows[0].get('data_hash')}`, content digest `{rows[0].get('content_digest')}`.",
+            "",
+        ]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
         for r in rows:
             mb = None if r["index_bytes"] is None else r["index_bytes"] / 2**20

@@ -382,3 +382,19 @@ def test_corrupt_query_encoder_is_a_user_error(bd: Board, tmp_path: Path) -> Non
     f.write_bytes(b"\0" * len(fdata))
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_artifact(out)
+
+
+def test_artifact_gets_the_umask_mode_not_the_temporary_files(bd: Board, tmp_path: Path) -> None:
+    """An index folder is meant to be copied and served: plain `umask` modes, not mkstemp's private 0600."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        build_index(bd.runs["sparcode"], out, ds=bd.ds, progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes

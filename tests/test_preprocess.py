@@ -16,6 +16,7 @@ from sparcode_cli.data.preprocess import PreprocessParams, k_core, prepare, prep
 from sparcode_cli.data.registry import get_spec
 from sparcode_cli.data.store import load_dataset
 from sparcode_cli.errors import UserError
+from sparcode_cli.provenance import preprocess_digest
 from tests.fixtures import (
     grid_rows,
     raw_of,
@@ -30,6 +31,7 @@ from tests.fixtures import (
 ML100K = get_spec("movielens-100k")
 MLCSV = get_spec("movielens")
 GOWALLA = get_spec("gowalla")
+EMBEDDED_MOVIELENS_DIGEST = "7fe7d3ad2f87c88f"  # content_digest of `prepare("movielens")`, default params
 
 
 def _tables(folder: Path) -> dict[str, pl.DataFrame]:
@@ -213,9 +215,32 @@ def test_cache_reuse_and_parameter_keys(tmp_path: Path) -> None:
     assert other != first and _meta(other)["params"]["min_count"] == 3
     assert preprocess_raw(raw, MLCSV, PreprocessParams(max_history=20)) != first
     m = _meta(first)
-    assert m["data_hash"] == first.name and m["preprocess_version"] == pp.PREPROCESS_VERSION
+    assert m["data_hash"] == first.name and m["preprocess_code"] == preprocess_digest()
     assert m["raw_checksums"] == dict(sorted(raw.checksums.items()))
     assert not [p for p in paths.processed_root().iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_changed_preprocessing_code_never_reuses_an_older_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder key holds the digest of the preprocessing code: older code's output is not read back."""
+    raw = raw_of(write_movielens_csv(tmp_path / "raw", grid_rows(6, 6)))
+    first = preprocess_raw(raw, MLCSV, PreprocessParams())
+    monkeypatch.setattr(pp, "preprocess_digest", lambda: "0123456789abcdef")
+    msgs: list[str] = []
+    changed = preprocess_raw(raw, MLCSV, PreprocessParams(), log=msgs.append)
+    assert changed != first and not any(m.startswith("reusing") for m in msgs)
+    assert _meta(changed)["preprocess_code"] == "0123456789abcdef"
+    assert _meta(changed)["content_digest"] == _meta(first)["content_digest"]  # same code path, same data
+
+
+def test_content_digest_follows_values_not_bytes() -> None:
+    a = {"train": pl.DataFrame({"user": [1, 2], "item": [3, 4]})}
+    assert pp.content_digest(a) == pp.content_digest({"train": a["train"].clone()})
+    assert pp.content_digest(a) != pp.content_digest(
+        {"train": pl.DataFrame({"user": [1, 2], "item": [3, 5]})}
+    )
+    assert pp.content_digest(a) != pp.content_digest({"valid": a["train"]})
 
 
 def test_incomplete_folder_is_rebuilt(tmp_path: Path) -> None:
@@ -350,6 +375,9 @@ def test_embedded_movielens_for_real() -> None:
     assert ds.item_counts().sum() == 72_728
     _check_eval_invariants(folder, chronological=True)
     assert prepare("movielens", progress=False) == folder
+    # Pinned: every committed movielens result cites this digest. A change of the preprocessing output fails
+    # here; results made with the old output must then be regenerated, and this pin updated with them.
+    assert m["content_digest"] == EMBEDDED_MOVIELENS_DIGEST
 
 
 # ------------------------------------------------------------------------------------------------ CLI

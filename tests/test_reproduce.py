@@ -399,3 +399,26 @@ def test_driver_end_to_end_then_resumes_without_redoing(tmp_path: Path) -> None:
     assert [p.stat().st_mtime_ns for p in cells] == cell_stamps  # no cell re-evaluated
     assert len(second.cells) == len(first.cells)
     assert md.read_text().split("## Main table")[1] == text.split("## Main table")[1]
+
+    # provenance: the report names the commit, the code digest and the processed data it came from
+    from sparcode_cli.provenance import code_digest
+
+    info = json.loads((tmp_path / "results" / "tiny.json").read_text())["info"]
+    assert info["code_digest"] == code_digest() and "git_commit" in info
+    ((data,),) = info["data"].values()
+    assert data["data_hash"].startswith("tiny-") and len(data["content_digest"]) == 16
+    assert f"(code digest {code_digest()})" in text and f"content digest `{data['content_digest']}`" in text
+
+    # runs and cells made by other code are set aside, never reused
+    from sparcode_cli.reproduce import jobs as jobs_module
+    from sparcode_cli.reproduce.runner import resolve
+    from sparcode_cli.training import trainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "code_digest", lambda: "other-code")
+        mp.setattr(jobs_module, "code_digest", lambda: "other-code")
+        assert jobs_module.read_cell(cells[0]) is None
+        stale, _ = resolve(expand("reproduce", config=toml), None, tmp_path / "runs")
+    assert all(j.status == "queued" and "moved to" in j.note for j in stale)
+    assert not any(j.run_dir.exists() for j in stale)
+    assert len(list((tmp_path / "runs" / "stale").iterdir())) == len(stale)

@@ -324,3 +324,40 @@ def test_cli_train_on_own_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert _cli([*args, "--resume"]) == 0
     assert _cli([*args, "--set", "train.lrr=1"]) == 2
     assert "valid keys in section train" in capsys.readouterr().err
+
+
+# -- provenance: one writer per run folder, no resume across codes ---------------------------------------
+
+
+def test_a_run_folder_in_use_is_refused_by_name(ds: Any, tmp_path: Path) -> None:
+    from sparcode_cli.atomic import exclusive_lock
+    from sparcode_cli.config import run_id
+
+    cfg = small_cfg("train.epochs=1")
+    run_dir = tmp_path / run_id(cfg, ds.name, ds.data_hash)
+    with exclusive_lock(run_dir, "test holder"):  # another `sparcode train` of the same run id, still running
+        with pytest.raises(UserError, match=rf"run folder .*{run_dir.name} is in use by pid {os.getpid()}"):
+            quiet_train(ds, cfg, tmp_path)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing of the refused run written
+    assert quiet_train(ds, cfg, tmp_path).status in ("finished", "early-stopped")  # released: it runs
+
+
+def test_runs_of_other_code_are_stale_never_resumed_or_reused(
+    ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sparcode_cli.training import trainer
+
+    cfg = small_cfg("train.epochs=2")
+    part = quiet_train(ds, cfg, tmp_path, stop_at_step=5, final_eval=False)
+    meta = json.loads((part.run_dir / "meta.json").read_text())
+    assert meta["code_digest"] == trainer.code_digest() and "content_digest" in meta
+    assert trainer.run_state(part.run_dir) == "partial"
+    monkeypatch.setattr(trainer, "code_digest", lambda: "another-code")
+    assert trainer.run_state(part.run_dir) == "stale"
+    with pytest.raises(UserError, match="started by other code"):
+        quiet_train(ds, cfg, tmp_path, resume=True)
+    moved = trainer.set_aside(part.run_dir)
+    assert not part.run_dir.exists() and (moved / "checkpoint_last.pt").is_file()
+    assert moved.parent == tmp_path / "stale" and moved.name == f"{part.run_id}-{meta['code_digest']}"
+    fresh = quiet_train(ds, cfg, tmp_path)
+    assert fresh.run_id == part.run_id and trainer.run_state(fresh.run_dir) == "finished"

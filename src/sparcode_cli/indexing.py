@@ -40,10 +40,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from sparcode_cli.atomic import atomic_path, file_digest, write_json
+from sparcode_cli.atomic import atomic_path, file_digest, temp_dir, write_json
 from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.errors import UserError
-from sparcode_cli.provenance import versions
+from sparcode_cli.provenance import code_digest, git_commit, versions
 
 MANIFEST = "manifest.json"
 QUERY_ENCODER = "query_encoder.pt"
@@ -428,7 +428,7 @@ def build_index(
         "threads": torch.get_num_threads(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.", ".tmp")
     try:
         if sparse:
             manifest.update(
@@ -470,6 +470,8 @@ def build_index(
         manifest["files"] = {f: {"bytes": (tmp / f).stat().st_size} for f in files}
         manifest["query_encoder_bytes"] = (tmp / QUERY_ENCODER).stat().st_size
         manifest["versions"] = versions()
+        manifest["code_digest"] = code_digest()
+        manifest["git_commit"] = git_commit()
         manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_json(tmp / MANIFEST, manifest)  # last: its presence means the folder is complete
         _swap_in(tmp, out)

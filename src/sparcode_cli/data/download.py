@@ -38,7 +38,7 @@ from urllib.parse import quote, unquote, urlparse
 from rich.console import Console
 
 from sparcode_cli import __version__, paths
-from sparcode_cli.atomic import file_digest, write_json
+from sparcode_cli.atomic import file_digest, temp_dir, write_json
 from sparcode_cli.data.registry import DatasetSpec, load_registry
 from sparcode_cli.errors import UserError
 
@@ -336,11 +336,7 @@ def _unlink(path: Path) -> None:
 def _new_tmp_dir(spec: DatasetSpec) -> Path:
     target = paths.raw_dir(spec.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the raw folder gets the usual permissions
-    return tmp
+    return temp_dir(target.parent, f".{spec.name}.tmp-")
 
 
 def _verify_embedded(spec: DatasetSpec) -> RawData:

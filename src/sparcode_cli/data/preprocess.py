@@ -18,9 +18,12 @@ The pipeline (DESIGN §3), each step vectorised in polars:
    (ml-100k: sorted names -> 1..21; ml-1m: code c -> c + 1). 0 = unknown or absent everywhere.
 
 Output: `<SPARCODE_HOME>/processed/<name>-<hash12>/`, hash12 = sha256 of (format, raw checksums, every
-parameter, PREPROCESS_VERSION). It is built in a temporary folder beside it and renamed into place;
-`meta.json` is written last, so its presence means the folder is complete. A complete folder is reused.
-The files and columns are documented in `dataset.py`.
+parameter, the digest of the preprocessing code and polars: `provenance.preprocess_digest`). Any change of
+that code therefore gives a new folder: an output of older code is never read as a current one. It is built
+in a temporary folder beside it and renamed into place; `meta.json` is written last, so its presence means
+the folder is complete. A complete folder is reused. `meta.json` also records `content_digest`, a digest of
+the tables' values (not of the Parquet bytes), which results files cite. The files and columns are
+documented in `dataset.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,12 +45,12 @@ import numpy as np
 import polars as pl
 
 from sparcode_cli import paths
-from sparcode_cli.atomic import file_digest
+from sparcode_cli.atomic import file_digest, temp_dir
 from sparcode_cli.data import parsers
 from sparcode_cli.data.registry import DatasetSpec, FileSpec, get_spec
 from sparcode_cli.errors import UserError
+from sparcode_cli.provenance import preprocess_digest
 
-PREPROCESS_VERSION = 1
 SPLITS = ("time", "users", "given")
 GENDER_CODES = {"M": 1, "F": 2}
 N_AGE_GROUPS = 7
@@ -173,7 +175,7 @@ def folder_key(spec: DatasetSpec, checksums: dict[str, str], params: PreprocessP
             "format": spec.format,
             "raw_checksums": dict(sorted(checksums.items())),
             "params": params.resolved(),
-            "preprocess_version": PREPROCESS_VERSION,
+            "preprocess_code": preprocess_digest(),
         },
         sort_keys=True,
     )
@@ -208,7 +210,8 @@ def preprocess_raw(
     meta: dict[str, Any] = {
         "dataset": spec.name,
         "data_hash": key,
-        "preprocess_version": PREPROCESS_VERSION,
+        "content_digest": content_digest(tables),
+        "preprocess_code": preprocess_digest(),
         "format": spec.format,
         "source": getattr(raw, "source", "local"),
         "params": params.resolved(),
@@ -218,6 +221,17 @@ def preprocess_raw(
         "n_bad_rows": parsed.n_bad_rows,
     }
     return _write(final, tables, meta, say, t0)
+
+
+def content_digest(tables: dict[str, pl.DataFrame]) -> str:
+    """sha256 (16 hex digits) of every table's columns and values, in table-name order: the same data gives
+    the same digest whatever the Parquet writer does with the bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tables):
+        frame = tables[name]
+        h.update(f"{name}:{frame.schema}\n".encode())
+        h.update(frame.write_ndjson().encode())
+    return h.hexdigest()[:16]
 
 
 def _check_split(spec: DatasetSpec, params: PreprocessParams) -> None:
@@ -239,7 +253,7 @@ def _check_split(spec: DatasetSpec, params: PreprocessParams) -> None:
 def _write(final: Path, tables: dict[str, pl.DataFrame], meta: dict[str, Any], say: Log, t0: float) -> Path:
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = temp_dir(root, f".{final.name}.", ".tmp")
     try:
         for name, frame in tables.items():
             frame.write_parquet(tmp / f"{name}.parquet")

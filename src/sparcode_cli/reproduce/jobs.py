@@ -25,6 +25,7 @@ import numpy as np
 from sparcode_cli.atomic import write_json
 from sparcode_cli.config import load_config, run_id
 from sparcode_cli.data.dataset import Dataset, EvalSplit
+from sparcode_cli.provenance import code_digest
 from sparcode_cli.reproduce.matrix import EvalSpec
 
 CELLS = "cells"
@@ -83,12 +84,10 @@ def expected_run_id(cfg: dict[str, Any], ds: Dataset, init_run_id: str | None) -
 
 
 def run_state(run_dir: Path) -> str:
-    """'finished' (results.json written), 'partial' (a last checkpoint to resume) or 'new'."""
-    if (run_dir / "results.json").is_file():
-        return "finished"
-    if (run_dir / "checkpoint_last.pt").is_file():
-        return "partial"
-    return "new"
+    """'finished', 'partial', 'new' or 'stale' (made by other code): `trainer.run_state`."""
+    from sparcode_cli.training.trainer import run_state as state
+
+    return state(run_dir)
 
 
 def train_job(payload: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +97,7 @@ def train_job(payload: dict[str, Any]) -> dict[str, Any]:
     from rich.console import Console
 
     from sparcode_cli.errors import UserError
-    from sparcode_cli.training.trainer import train
+    from sparcode_cli.training.trainer import set_aside, train
 
     t0 = time.perf_counter()
     try:
@@ -114,6 +113,8 @@ def train_job(payload: dict[str, Any]) -> dict[str, Any]:
         cfg = {**cfg, "train": {**cfg["train"], "threads": int(payload["threads"])}}
         out = Path(payload["out"])
         state = run_state(out / payload["run_id"])
+        if state == "stale":
+            set_aside(out / payload["run_id"])
         res = train(
             ds,
             cfg,
@@ -143,7 +144,19 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     meta = run_dir / "meta.json"
     if meta.is_file():
         m = json.loads(meta.read_text(encoding="utf-8"))
-        out["meta"] = {k: m.get(k) for k in ("threads", "n_params", "init_from", "git_sha", "seed", "device")}
+        out["meta"] = {
+            k: m.get(k)
+            for k in (
+                "threads",
+                "n_params",
+                "init_from",
+                "git_commit",
+                "code_digest",
+                "content_digest",
+                "seed",
+                "device",
+            )
+        }
     hist = run_dir / "metrics.jsonl"
     if hist.is_file():
         rows = [json.loads(line) for line in hist.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -212,7 +225,7 @@ def evaluate_cell(spec: EvalSpec, run_dir: Path, ds: Dataset, settings: dict[str
                 kw["ef_search"] = int(opts["ef_search"])
         if (out / "manifest.json").is_file():
             manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        else:
+        if manifest is None or manifest.get("code_digest") != code_digest():
             manifest = build_index(run_dir, out, ds=ds, threads=threads, progress=False, **kw)
         metrics = evaluate_index(
             out, ds=ds, split=split, threads=threads, latency_queries=lat, progress=False
@@ -237,6 +250,7 @@ def evaluate_cell(spec: EvalSpec, run_dir: Path, ds: Dataset, settings: dict[str
             k: v for k, v in (manifest or {}).items() if k not in ("files", "versions", "data_params")
         },
         "train": run_summary(run_dir),
+        "code_digest": code_digest(),
         "eval_wall_s": time.perf_counter() - t0,
         **extra,
     }
@@ -263,7 +277,9 @@ def as_listed(cell: dict[str, Any], spec: EvalSpec) -> dict[str, Any]:
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:
+    """A cached cell, or None if there is none or other code evaluated it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        cell = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return cell if isinstance(cell, dict) and cell.get("code_digest") == code_digest() else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -98,23 +97,6 @@ def _train_seconds(cell: dict[str, Any]) -> float | None:
         with contextlib.suppress(OSError, ValueError):
             t += float(json.loads(p.read_text(encoding="utf-8")).get("train_time_s", 0.0))
     return t
-
-
-def _git_sha() -> str:
-    from sparcode_cli.config import experiments_dir
-
-    try:
-        r = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=experiments_dir().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        return r.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------ main table
@@ -589,10 +571,20 @@ def write_report(
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     L: list[str] = [f"# `{plan.matrix}` on {label}", ""]
     L.append(
-        f"Generated {now} by `python -m sparcode_cli.reproduce --matrix {plan.matrix}` at commit {_git_sha()}; "
+        f"Generated {now} by `python -m sparcode_cli.reproduce --matrix {plan.matrix}` at commit "
+        f"{info.get('git_commit') or 'unknown'} (code digest {info.get('code_digest')}); "
         f"{mach.get('cores', '?')} cores ({mach.get('cpu', '')}), torch {mach.get('torch', '?')}. "
         f"Wall time of this invocation: **{info['wall_s'] / 60:.1f} min** ({info['trained_now']} runs trained now, "
         f"{info['reused']} reused from earlier invocations)."
+    )
+    L.append("")
+    data = ", ".join(
+        f"`{d['data_hash']}` (content digest `{d['content_digest']}`)"
+        for d in info.get("data", {}).get(dataset, [])
+    )
+    L.append(
+        f"Processed data: {data or 'unknown'}. Every run and cell here was made by the code of that digest from "
+        "that data: a cached run or cell made by other code is never reused."
     )
     L.append("")
     steps = {**(info.get("max_steps") or {}), **(info.get("dataset_max_steps") or {}).get(dataset, {})}

@@ -26,6 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from sparcode_cli.errors import UserError
+from sparcode_cli.provenance import code_digest, git_commit
 from sparcode_cli.reproduce import jobs
 from sparcode_cli.reproduce.matrix import Plan, TrainSpec
 from sparcode_cli.reproduce.progress import Overview
@@ -96,8 +97,14 @@ def resolve(plan: Plan, mirror: str | None, out: Path) -> tuple[list[TrainJob], 
             job.status, job.note = "skipped", f"{ds.name} is unordered: sasrec reads order"
         elif init is not None and init.status == "skipped":
             job.status, job.note = "skipped", "its warm-start run is skipped"
-        elif jobs.run_state(job.run_dir) == "finished":
-            job.status, job.note = "reused", _note(job.run_dir, plan)
+        else:
+            state = jobs.run_state(job.run_dir)
+            if state == "stale":  # made by other code: kept aside, trained again by this code
+                from sparcode_cli.training.trainer import set_aside
+
+                job.note = f"older code's run moved to {set_aside(job.run_dir)}"
+            elif state == "finished":
+                job.status, job.note = "reused", _note(job.run_dir, plan)
         by_spec[spec] = by_id[rid] = job
         result.append(job)
     return result, by_spec
@@ -294,6 +301,18 @@ def run_plan(
         torch.set_num_threads(prev_threads)  # in-process training and evaluation set their own counts
 
 
+def data_provenance(todo: list[TrainJob]) -> dict[str, list[dict[str, Any]]]:
+    """dataset -> the processed folders its runs used: folder key (`data_hash`) and `content_digest`."""
+    from sparcode_cli.data.store import read_meta
+
+    seen: dict[str, dict[str, dict[str, Any]]] = {}
+    for j in todo:
+        meta = read_meta(j.folder)
+        entry = {"data_hash": meta.get("data_hash"), "content_digest": meta.get("content_digest")}
+        seen.setdefault(j.spec.dataset, {})[str(entry["data_hash"])] = entry
+    return {d: list(by_key.values()) for d, by_key in seen.items()}
+
+
 def _run_plan(plan: Plan, mirror: str | None, console: Console, report_only: bool) -> Outcome:
     from sparcode_cli.models import MODELS, model_class
     from sparcode_cli.reproduce import report
@@ -345,6 +364,9 @@ def _run_plan(plan: Plan, mirror: str | None, console: Console, report_only: boo
             "dataset_max_steps": plan.spec.get("dataset_max_steps", {}),
             "seeds": plan.spec.get("seeds", []),
             "report_only": report_only,
+            "git_commit": git_commit(),
+            "code_digest": code_digest(),
+            "data": data_provenance(todo),
         }
         for dataset in plan.datasets:
             cells = [c for c in outcome.cells if c["dataset"] == dataset]

@@ -28,7 +28,6 @@ import json
 import math
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sparcode_cli.atomic import atomic_path, write_json, write_text
+from sparcode_cli.atomic import atomic_path, exclusive_lock, write_json, write_text
 from sparcode_cli.config import config_hash, run_id, to_toml
 from sparcode_cli.data.dataset import Dataset
 from sparcode_cli.errors import UserError
@@ -58,8 +57,7 @@ from sparcode_cli.models import (
     set_rng_state,
 )
 from sparcode_cli.models.base import DataContext, Recommender, TrainOutput
-from sparcode_cli.paths import PACKAGE_DIR
-from sparcode_cli.provenance import versions
+from sparcode_cli.provenance import code_digest, git_commit, versions
 from sparcode_cli.training.sampler import Sampler, accidental_hits
 
 EARLY_STOP_METRIC = "recall@20"
@@ -125,17 +123,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def git_sha() -> str | None:
-    root = PACKAGE_DIR.parent.parent
-    try:
-        r = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None if r.returncode == 0 else None
 
 
 def _plain(obj: Any) -> Any:
@@ -231,10 +218,7 @@ def train(
     init_from: a run folder or checkpoint whose dict is passed to `model.init_from_run` (warm start).
     """
     console = console or Console(stderr=True)
-    name = str(cfg["model"]["name"])
-    tc = cfg["train"]
-    mc = cfg["model"]
-    if not ds.ordered and mc.get("query_encoder") == "sasrec":
+    if not ds.ordered and cfg["model"].get("query_encoder") == "sasrec":
         raise UserError(
             f"model.query_encoder = 'sasrec' reads the order of the history, but dataset {ds.name!r} is unordered",
             hint="use --set model.query_encoder=dnn for this dataset",
@@ -247,17 +231,86 @@ def train(
         ident = f"{ds.data_hash}|init={init_ckpt.get('run_id') or config_hash(init_ckpt['config'], '', 0)}"
     rid = run_id(cfg, ds.name, ident)
     run_dir = Path(out) / rid
-    last_path, best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
+    last_path = run_dir / "checkpoint_last.pt"
     if resume and not last_path.is_file():
         raise UserError(
             f"nothing to resume: {last_path} does not exist", hint="run without --resume to start it"
         )
-    if not resume and last_path.is_file():
+    with exclusive_lock(run_dir, f"run folder {run_dir}"):
+        if not resume and last_path.is_file():
+            raise UserError(
+                f"run {rid} already exists in {run_dir}",
+                hint="pass --resume to continue it, or remove the folder / use another --out to start over",
+            )
+        if resume:
+            check_same_code(run_dir)
+        return _train_locked(
+            ds, cfg, rid, run_dir, resume, stop_at_step, init_from, init_ckpt, console, progress, quiet,
+            final_eval,
+        )  # fmt: skip
+
+
+def _recorded_code(run_dir: Path) -> dict[str, Any]:
+    meta_path = run_dir / "meta.json"
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_same_code(run_dir: Path) -> None:
+    """Refuse to continue a run that other code started: its numbers would come from two codes."""
+    old = _recorded_code(run_dir)
+    if old.get("code_digest") != code_digest():
         raise UserError(
-            f"run {rid} already exists in {run_dir}",
-            hint="pass --resume to continue it, or remove the folder / use another --out to start over",
+            f"run {run_dir.name} was started by other code (code digest {old.get('code_digest')}, commit "
+            f"{old.get('git_commit')}; this checkout: {code_digest()}): resuming would mix the two",
+            hint="remove the run folder (or use another --out) to train it with this code",
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_state(run_dir: Path) -> str:
+    """'finished' (results.json), 'partial' (a last checkpoint to resume), 'new', or 'stale': the folder was
+    made by other code (its meta.json's code digest differs, or it has none), so nothing in it may be reused."""
+    has_results = (run_dir / "results.json").is_file()
+    has_last = (run_dir / "checkpoint_last.pt").is_file()
+    if (has_results or has_last) and _recorded_code(run_dir).get("code_digest") != code_digest():
+        return "stale"
+    return "finished" if has_results else "partial" if has_last else "new"
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a stale run folder to `<out>/stale/<run-id>-<its code digest>[-n]` (kept, never deleted), so the
+    run id is free to be trained by this code. Returns where it went."""
+    tag = _recorded_code(run_dir).get("code_digest") or "undigested"
+    dest = run_dir.parent / "stale" / f"{run_dir.name}-{tag}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.parent / "stale" / f"{run_dir.name}-{tag}-{n}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(run_dir, f"run folder {run_dir}"):
+        run_dir.rename(dest)
+    return dest
+
+
+def _train_locked(
+    ds: Dataset,
+    cfg: dict[str, Any],
+    rid: str,
+    run_dir: Path,
+    resume: bool,
+    stop_at_step: int | None,
+    init_from: str | Path | None,
+    init_ckpt: dict[str, Any] | None,
+    console: Console,
+    progress: bool,
+    quiet: bool,
+    final_eval: bool,
+) -> TrainResult:
+    name = str(cfg["model"]["name"])
+    tc, mc = cfg["train"], cfg["model"]
+    last_path, best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
     log = _Log(run_dir / "train.log", console, quiet)
 
     if int(tc.get("threads", 0)) > 0:
@@ -285,7 +338,9 @@ def train(
         "threads": torch.get_num_threads(),
         "n_params": n_params,
         "init_from": str(init_from) if init_from is not None else None,
-        "git_sha": git_sha(),
+        "code_digest": code_digest(),
+        "git_commit": git_commit(),
+        "content_digest": ds.meta.get("content_digest"),
         "versions": versions(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
