@@ -12,6 +12,10 @@ The [data] and [train] defaults below apply to every model; a model file may ove
 lists the valid keys. `--set section.key=value` parses the value as a TOML literal (a bare word is a string)
 and coerces it to the default's type; a key unique across sections may omit the section (`--set lr=0.01`).
 
+The defaults live here and in experiments/*.toml; every key's type, valid range or choices, and the rules
+between keys (token_dim a multiple of m, ...) are declared in config_schema.py, and `load_config` checks the
+fully resolved config against them before returning it (one UserError naming every bad key).
+
     cfg = load_config("two-tower", None, ["train.lr=0.003", "model.dim=32"])
     run_id(cfg, "movielens", data_hash)   # "two-tower-movielens-1a2b3c4d"
 """
@@ -27,6 +31,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sparcode_cli.config_schema import check_config
 from sparcode_cli.errors import UserError
 from sparcode_cli.paths import PACKAGE_DIR
 
@@ -60,14 +65,6 @@ BASE: dict[str, dict[str, Any]] = {
         "threads": 0,  # 0 = leave torch's default
         "grad_clip": 0.0,  # 0 = off
     },
-}
-
-CHOICES = {
-    ("data", "split"): ("default", "time", "users", "given"),
-    ("train", "negatives"): ("uniform", "in-batch", "mixed"),
-    ("model", "query_encoder"): ("dnn", "sasrec"),
-    ("model", "similarity"): ("cosine", "dot"),
-    ("model", "quantizer"): ("product", "residual"),
 }
 
 # Keys that do not change what a run computes: left out of the run id, so a resumed run may change them.
@@ -158,7 +155,7 @@ def load_config(
     for item in overrides:
         section, key, value = _parse_override(cfg, item)
         _set(cfg, section, key, value, f"--set {item}")
-    _check_choices(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -253,14 +250,6 @@ def _coerce(section: str, key: str, value: Any, default: Any, where: str) -> Any
             return value
         raise bad("a list")
     return value
-
-
-def _check_choices(cfg: dict[str, Any]) -> None:
-    for (section, key), allowed in CHOICES.items():
-        if key in cfg.get(section, {}) and cfg[section][key] not in allowed:
-            raise UserError(
-                f"{section}.{key} = {cfg[section][key]!r} is not one of: {', '.join(allowed)}",
-            )
 
 
 def nullable(value: Any) -> Any:

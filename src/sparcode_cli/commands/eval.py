@@ -49,13 +49,19 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
+    from sparcode_cli.config_schema import EvalOptions, check_options
     from sparcode_cli.errors import UserError
     from sparcode_cli.evaluation import evaluate_index, evaluate_run, parse_ks
 
     if (index is None) == (run is None):
         raise UserError("give exactly one of --index DIR or --run RUN_DIR")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+    options = {
+        "split": split,
+        "threads": threads,
+        "latency_queries": latency_queries,
+        "exact_users": exact_users,
+    }
+    check_options(EvalOptions, options)
     ks = parse_ks(k)
     kw = dict(dataset=dataset, mirror=mirror, save_topk=save_topk, latency_queries=latency_queries)
     if index is not None:

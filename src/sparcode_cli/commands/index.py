@@ -65,8 +65,25 @@ def index(
     from rich.console import Console
     from rich.table import Table
 
+    from sparcode_cli.config_schema import IndexOptions, check_options
     from sparcode_cli.indexing import build_index, summary_rows
 
+    check_options(
+        IndexOptions,
+        {
+            "bias": bias,
+            "max_per_code": max_per_code,
+            "codes": codes,
+            "faiss": faiss,
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "hnsw_m": hnsw_m,
+            "ef_construction": ef_construction,
+            "ef_search": ef_search,
+            "memory_budget_mb": memory_budget_mb,
+            "threads": threads,
+        },
+    )
     manifest = build_index(
         run_dir,
         out,

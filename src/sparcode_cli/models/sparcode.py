@@ -112,7 +112,7 @@ class SparCode(TokenCross):
             decay=float(cfg.get("ema_decay", 0.99)),
             dead_threshold=float(cfg.get("dead_threshold", 0.0625)),
             kmeans_iters=int(cfg.get("kmeans_iters", 10)),
-            residual=str(cfg.get("quantizer", "product")) == "residual",  # checked by config.CHOICES
+            residual=str(cfg.get("quantizer", "product")) == "residual",  # checked by config_schema
         )
         self.target_density = float(cfg.get("target_density", 0.05))
         self.density_warmup = int(cfg.get("density_warmup", 300))

@@ -232,6 +232,8 @@ def train(
     rid = run_id(cfg, ds.name, ident)
     run_dir = Path(out) / rid
     last_path = run_dir / "checkpoint_last.pt"
+    # an unusable device fails before the run folder exists
+    resolve_device(str(cfg["train"].get("device", "auto")))
     if resume and not last_path.is_file():
         raise UserError(
             f"nothing to resume: {last_path} does not exist", hint="run without --resume to start it"
