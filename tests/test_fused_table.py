@@ -91,3 +91,19 @@ def test_row_cut_exact_when_the_sample_bound_misses() -> None:
     assert torch.all((out[:, 1:] > 0).sum(1) == keep)
     theta = g[0, 1:].kthvalue(n - keep).values
     torch.testing.assert_close(out[0, 1:], torch.relu(g[0, 1:] - theta))
+
+
+def test_kernels_leave_torch_thread_count_alone() -> None:
+    """numba's "omp" layer reset the caller's OpenMP thread count on its first launch, so a 1-thread training
+    worker ran torch on every core; the kernels must leave torch at the count it was set to."""
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        z = torch.randn(40, 8)
+        g = split_mlp_table(
+            torch.randn(40, 4), torch.randn(300, 2, 4), torch.randn(4), z, torch.randn(300, 8), 0.1
+        )
+        row_cut(g, 0.1, 0.0, True, 1e-6)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(prev)

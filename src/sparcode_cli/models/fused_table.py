@@ -29,6 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# numba's default "omp" threading layer shares torch's libgomp and, on its first parallel launch, sets the
+# OpenMP thread count of the calling thread to NUMBA_NUM_THREADS: torch then ran 2 threads where it was set to
+# 1, and two 1-thread training workers spun 4 OpenMP threads on 2 cores (5x slower). numba's own pool does not
+# touch OpenMP; set before any kernel runs.
+numba.config.THREADING_LAYER = "workqueue"
+
 _ITEM_BLOCK = 256  # items per block: 256 x (K_i x H + D) floats (~128 KiB at K_i 2, H 32, D 64) stay in L2
 
 
