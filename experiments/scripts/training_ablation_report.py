@@ -1,0 +1,196 @@
+"""Tables for experiments/results/movielens-100k-sparcode-training-ablation.md from training_ablation.py's
+summary (and warm_start_seeds.py's output if present). Prints markdown to stdout.
+
+    SPARCODE_HOME=<home> python experiments/scripts/training_ablation_report.py --summary <runs>/ablation_summary.json \
+        [--warm <runs>/warm_start.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from sparcode_cli.paths import processed_root
+
+LABELS = {
+    "default": "default",
+    "a": "a `model.dense_loss=0`",
+    "b": "b `model.leak=0`",
+    "c": "c `model.target_density=1.0` (dense, not sparse)",
+    "d": "d `train.lr=0.0003`",
+    "e": "e `model.ema_decay=1.0`",
+    "f": "f `model.beta=0`",
+    "g": "g `train.max_steps=1500`",
+}
+KEYS = [
+    ("test_r20", "test R@20"),
+    ("test_r50", "test R@50"),
+    ("test_ndcg20", "test NDCG@20"),
+    ("valid_r20", "valid R@20"),
+]
+
+
+def read(run: Path) -> dict:
+    r = json.loads((run / "results.json").read_text())
+    meta = json.loads((run / "meta.json").read_text())
+    best_step = None
+    traj = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e.get("epoch") == r.get("best_epoch"):
+            best_step = e.get("step")
+        if "valid" in e:
+            traj.append(f"{e['step']}:{e['valid']['recall@20']:.3f}")
+    return {
+        "test_r20": r["test"]["recall@20"],
+        "test_r50": r["test"]["recall@50"],
+        "test_ndcg20": r["test"]["ndcg@20"],
+        "valid_r20": r["valid"]["recall@20"],
+        "best_step": best_step,
+        "steps": r.get("steps"),
+        "status": r.get("status"),
+        "run": run.name,
+        "code_digest": meta.get("code_digest"),
+        "git_commit": meta.get("git_commit"),
+        "traj": " ".join(traj),
+        "data_hash": meta.get("data_hash"),
+        "train_s": r.get("train_time_s"),
+    }
+
+
+def ms(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summary", type=Path, required=True)
+    ap.add_argument("--warm", type=Path)
+    a = ap.parse_args()
+    s = json.loads(a.summary.read_text())
+    seeds = sorted(s["two_tower"])
+    tt = {k: read(Path(p)) for k, p in s["two_tower"].items()}
+    sc = {v: {k: read(Path(p)) for k, p in d.items()} for v, d in s["sparcode"].items()}
+    warm = json.loads(a.warm.read_text()) if a.warm and a.warm.exists() else {}
+    out: list[str] = []
+    # per-seed table
+    out += ["### Per run (best checkpoint, selected on valid R@20)", ""]
+    out += [
+        "| variant | seed | test R@20 | test R@50 | test NDCG@20 | valid R@20 | best step | steps | valid R@20 by step | run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in seeds:
+        r = tt[k]
+        out.append(
+            f"| two-tower (reference) | {k} | {r['test_r20']:.4f} | {r['test_r50']:.4f} | {r['test_ndcg20']:.4f} "
+            f"| {r['valid_r20']:.4f} | {r['best_step']} | {r['steps']} | {r['traj']} | `{r['run']}` |"
+        )
+    for step, label in (("2", "warm start, no cut (untrained)"), ("3", "warm start, cut 5% (untrained)")):
+        for k in seeds:
+            if k in warm:
+                w = warm[k][step]
+                out.append(
+                    f"| {label} | {k} | {w['test_r20']:.4f} | {w['test_r50']:.4f} | "
+                    f"{w['test_ndcg20']:.4f} | {w['valid_r20']:.4f} | 0 | 0 | 0:{w['valid_r20']:.3f} | — |"
+                )
+    for v in LABELS:
+        for k in seeds:
+            r = sc.get(v, {}).get(k)
+            if r:
+                out.append(
+                    f"| {LABELS[v]} | {k} | {r['test_r20']:.4f} | {r['test_r50']:.4f} | {r['test_ndcg20']:.4f} "
+                    f"| {r['valid_r20']:.4f} | {r['best_step']} | {r['steps']} | {r['traj']} | `{r['run']}` |"
+                )
+    # mean table
+    out += [
+        "",
+        "### Mean ± std over seeds; Δ = variant − default per seed (sign consistent across seeds?)",
+        "",
+    ]
+    out += [
+        "| variant | n | "
+        + " | ".join(h for _, h in KEYS)
+        + " | best steps | Δ test R@20 per seed | Δ test R@50 per seed | Δ R@50 mean | same sign |",
+        "|---|---|" + "---|" * len(KEYS) + "---|---|---|---|---|",
+    ]
+    out.append(
+        f"| two-tower (reference) | {len(seeds)} | "
+        + " | ".join(ms([tt[k][key] for k in seeds]) for key, _ in KEYS)
+        + f" | {', '.join(str(tt[k]['best_step']) for k in seeds)} | | | | |"
+    )
+    ws = [k for k in seeds if k in warm]
+    if ws:
+        out.append(
+            f"| warm start, no cut (untrained, waterfall step 2) | {len(ws)} | "
+            + " | ".join(ms([warm[k]["2"][key] for k in ws]) for key, _ in KEYS)
+            + " | 0 | | | | |"
+        )
+        out.append(
+            f"| warm start, cut 5% (untrained, waterfall step 3) | {len(ws)} | "
+            + " | ".join(ms([warm[k]["3"][key] for k in ws]) for key, _ in KEYS)
+            + " | 0 | | | | |"
+        )
+    d = sc.get("default", {})
+    for v in LABELS:
+        runs = sc.get(v, {})
+        ks = [k for k in seeds if k in runs]
+        if not ks:
+            continue
+        row = f"| {LABELS[v]} | {len(ks)} | " + " | ".join(ms([runs[k][key] for k in ks]) for key, _ in KEYS)
+        row += f" | {', '.join(str(runs[k]['best_step']) for k in ks)}"
+        if v == "default":
+            out.append(row + " | | | | |")
+            continue
+        both = [k for k in ks if k in d]
+        d20 = [runs[k]["test_r20"] - d[k]["test_r20"] for k in both]
+        d50 = [runs[k]["test_r50"] - d[k]["test_r50"] for k in both]
+        same = (
+            "yes"
+            if len(d50) == 3 and (all(x > 0 for x in d50) or all(x < 0 for x in d50))
+            else ("no" if len(d50) == 3 else f"({len(d50)} seeds)")
+        )
+        same20 = "yes" if len(d20) == 3 and (all(x > 0 for x in d20) or all(x < 0 for x in d20)) else "no"
+        row += (
+            f" | {', '.join(f'{x:+.4f}' for x in d20)} | {', '.join(f'{x:+.4f}' for x in d50)} | "
+            f"{statistics.mean(d50):+.4f} | R@50 {same}, R@20 {same20} |"
+        )
+        out.append(row)
+    # provenance
+    dh = {r["data_hash"] for r in tt.values()}
+    out += ["", "### Provenance", ""]
+    for h in sorted(dh):
+        m = json.loads((processed_root() / h / "meta.json").read_text())
+        out.append(f"- processed data: data_hash `{h}`, content_digest `{m.get('content_digest')}`")
+    digests = {
+        (r["code_digest"], r["git_commit"])
+        for r in list(tt.values()) + [x for dd in sc.values() for x in dd.values()]
+    }
+    out.append(
+        f"- (code_digest, git_commit) over all runs: {', '.join(f'`{c}` / `{g}`' for c, g in sorted(digests))}"
+    )
+    out += [
+        "",
+        "| variant | seed | run | code_digest | git_commit | status | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in seeds:
+        r = tt[k]
+        out.append(
+            f"| two-tower | {k} | `{r['run']}` | `{r['code_digest']}` | `{r['git_commit']}` | {r['status']} | {r['train_s']} |"
+        )
+    for v in LABELS:
+        for k in seeds:
+            r = sc.get(v, {}).get(k)
+            if r:
+                out.append(
+                    f"| {v} | {k} | `{r['run']}` | `{r['code_digest']}` | `{r['git_commit']}` | {r['status']} | {r['train_s']} |"
+                )
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
