@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 from sparcode_cli.paths import processed_root
@@ -66,6 +67,14 @@ def ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
+def variant_runs(sc: dict, seeds: list[str]) -> Iterator[tuple[str, str, dict]]:
+    """(variant, seed, run summary) for every finished SparCode run, variants in LABELS order."""
+    for v in LABELS:
+        for k in seeds:
+            if r := sc.get(v, {}).get(k):
+                yield v, k, r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--summary", type=Path, required=True)
@@ -97,14 +106,11 @@ def main() -> None:
                     f"| {label} | {k} | {w['test_r20']:.4f} | {w['test_r50']:.4f} | "
                     f"{w['test_ndcg20']:.4f} | {w['valid_r20']:.4f} | 0 | 0 | 0:{w['valid_r20']:.3f} | — |"
                 )
-    for v in LABELS:
-        for k in seeds:
-            r = sc.get(v, {}).get(k)
-            if r:
-                out.append(
-                    f"| {LABELS[v]} | {k} | {r['test_r20']:.4f} | {r['test_r50']:.4f} | {r['test_ndcg20']:.4f} "
-                    f"| {r['valid_r20']:.4f} | {r['best_step']} | {r['steps']} | {r['traj']} | `{r['run']}` |"
-                )
+    for v, k, r in variant_runs(sc, seeds):
+        out.append(
+            f"| {LABELS[v]} | {k} | {r['test_r20']:.4f} | {r['test_r50']:.4f} | {r['test_ndcg20']:.4f} "
+            f"| {r['valid_r20']:.4f} | {r['best_step']} | {r['steps']} | {r['traj']} | `{r['run']}` |"
+        )
     # mean table
     out += [
         "",
@@ -182,13 +188,10 @@ def main() -> None:
         out.append(
             f"| two-tower | {k} | `{r['run']}` | `{r['code_digest']}` | `{r['git_commit']}` | {r['status']} | {r['train_s']} |"
         )
-    for v in LABELS:
-        for k in seeds:
-            r = sc.get(v, {}).get(k)
-            if r:
-                out.append(
-                    f"| {v} | {k} | `{r['run']}` | `{r['code_digest']}` | `{r['git_commit']}` | {r['status']} | {r['train_s']} |"
-                )
+    for v, k, r in variant_runs(sc, seeds):
+        out.append(
+            f"| {v} | {k} | `{r['run']}` | `{r['code_digest']}` | `{r['git_commit']}` | {r['status']} | {r['train_s']} |"
+        )
     print("\n".join(out))
 
 
