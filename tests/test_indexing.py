@@ -21,13 +21,13 @@ from rich.console import Console
 
 from sparcode_cli.config import load_config
 from sparcode_cli.data.dataset import Dataset
+from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.errors import UserError
 from sparcode_cli.evaluation import Artifact, exact_topk, index_retrieve, load_artifact
 from sparcode_cli.indexing import build_code_index, build_index, encode_users, reached_codes
 from sparcode_cli.models import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from sparcode_cli.retrieval.faiss_index import build_faiss_index, search
 from sparcode_cli.retrieval.sparse_index import CodeIndex, overlap_at_k, retrieve, topk_dense
-from sparcode_cli.training.sampler import last_items, query_batch
 from sparcode_cli.training.trainer import train
 from tests.cli import exit_code
 from tests.synthetic import group_table

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from sparcode_cli.config import load_config
+from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.models import attach_features, build_model
 from sparcode_cli.models.base import DataContext
 from sparcode_cli.models.interaction import Interaction
-from sparcode_cli.training.sampler import Sampler, last_items, query_batch
+from sparcode_cli.training.sampler import Sampler
 from tests.synthetic import checkerboard
 
 SMALL = ["model.dim=16", "model.emb_dim=16", "model.hidden=32", "model.max_history=8", "model.token_dim=8", "model.dropout=0.0",

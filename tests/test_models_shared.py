@@ -17,10 +17,11 @@ import torch
 from rich.console import Console
 
 from sparcode_cli.config import load_config
+from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.metrics import evaluate
 from sparcode_cli.models import attach_features, build_model, load_checkpoint, model_from_checkpoint
 from sparcode_cli.models.base import DataContext
-from sparcode_cli.training.sampler import Sampler, last_items, query_batch
+from sparcode_cli.training.sampler import Sampler
 from sparcode_cli.training.trainer import train
 from tests.synthetic import checkerboard
 

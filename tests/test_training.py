@@ -150,7 +150,7 @@ def test_checkpoint_loads_weights_only(ds: Any, tmp_path: Path) -> None:
 
 
 def _query(ds: Any) -> Any:
-    from sparcode_cli.training.sampler import last_items, query_batch
+    from sparcode_cli.data.queries import last_items, query_batch
 
     rows = np.arange(4)
     return query_batch(last_items(ds.valid.query, rows, 8), ds.features.user_feats[ds.valid.users[rows]])
@@ -268,10 +268,45 @@ def test_popularity_fits_without_loop(ds: Any, tmp_path: Path) -> None:
 def test_init_from_calls_model_hook(ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = quiet_train(ds, small_cfg("train.epochs=1"), tmp_path / "base")
     seen: list[str] = []
-    monkeypatch.setattr(TwoTower, "init_from_run", lambda self, ck: seen.append(ck["run_id"]), raising=False)
+    monkeypatch.setattr(
+        TwoTower, "init_from_run", lambda self, ck, queries=None: seen.append(ck["run_id"]), raising=False
+    )
     res = quiet_train(ds, small_cfg("train.epochs=1"), tmp_path / "warm", init_from=base.run_dir)
     assert seen == [base.run_id] and res.run_id != base.run_id  # warm start is part of the identity
     assert json.loads((res.run_dir / "meta.json").read_text())["init_from"] == str(base.run_dir)
+
+
+def test_warm_start_is_kept_when_training_does_worse(
+    ds: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm start is validated at epoch 0 and selected like any epoch: if every step makes the model worse
+    on validation, the run hands back its start (same weights, same validation metrics)."""
+    base = quiet_train(ds, small_cfg("train.epochs=2"), tmp_path / "base")
+    base_state = torch.load(base.run_dir / "checkpoint_best.pt", weights_only=True)["state_dict"]
+
+    def load(self: Any, ck: dict[str, Any], queries: Any = None) -> None:
+        assert sum(len(q) for q in queries) == int((ds.train.lengths() > 0).sum())  # every training user
+        self.load_state_dict(ck["state_dict"])
+
+    def scramble(self: Any) -> None:  # every step wrecks the weights
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn_like(p))
+
+    monkeypatch.setattr(TwoTower, "init_from_run", load, raising=False)
+    monkeypatch.setattr(TwoTower, "after_step", scramble)
+    res = quiet_train(
+        ds, small_cfg("train.epochs=2", "train.patience=5"), tmp_path / "warm", init_from=base.run_dir
+    )
+    assert res.best_epoch == 0 and res.steps > 0
+    assert res.valid is not None and base.valid is not None
+    assert res.valid["recall@20"] == base.valid["recall@20"] and res.valid["ndcg@20"] == base.valid["ndcg@20"]
+    best = torch.load(res.run_dir / "checkpoint_best.pt", weights_only=True)["state_dict"]
+    for k, v in base_state.items():
+        torch.testing.assert_close(best[k], v, rtol=0, atol=0)
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["epoch"] == 0 and rows[0]["step"] == 0 and "valid" in rows[0]
+    assert all(r["valid"]["recall@20"] < rows[0]["valid"]["recall@20"] for r in rows[1:])
 
 
 def test_no_checkpoint_is_selected_while_the_model_says_not_yet(

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from sparcode_cli.config import load_config
+from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.data.store import load_dataset
 from sparcode_cli.metrics import evaluate
 from sparcode_cli.models import attach_features, build_model, load_checkpoint
 from sparcode_cli.models.base import DataContext
-from sparcode_cli.training.sampler import last_items, query_batch
 
 
 def main(processed: str, two_tower_run: str) -> None:

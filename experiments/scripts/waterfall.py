@@ -55,13 +55,13 @@ from torch import Tensor, nn
 
 from sparcode_cli.config import load_config
 from sparcode_cli.data.dataset import Dataset
+from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.metrics import evaluate
 from sparcode_cli.models import attach_features, build_model, load_checkpoint, model_from_checkpoint
 from sparcode_cli.models.base import DataContext, QueryBatch
 from sparcode_cli.models.sparcode import SparCode
 from sparcode_cli.paths import processed_root
 from sparcode_cli.reproduce import jobs
-from sparcode_cli.training.sampler import last_items, query_batch
 from sparcode_cli.training.trainer import seed_everything
 
 REPO = Path(__file__).resolve().parents[2]

@@ -40,6 +40,7 @@ import torch
 
 from sparcode_cli.atomic import atomic_path, write_json
 from sparcode_cli.data.dataset import Dataset, EvalSplit, Ragged
+from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.errors import UserError
 from sparcode_cli.indexing import (
     MANIFEST,
@@ -194,8 +195,6 @@ def exact_topk(
 ) -> TopK:
     """Brute-force top-k with the model's `score_all` (history row j = users[j]'s query, all of it masked);
     the same ranking as metrics.evaluate."""
-    from sparcode_cli.training.sampler import last_items, query_batch
-
     if exclude_nonpositive is None:
         exclude_nonpositive = bool(getattr(model, "exclude_nonpositive", False))
     max_history = int(model.cfg.get("max_history", 50))

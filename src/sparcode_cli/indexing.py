@@ -42,6 +42,7 @@ import torch
 
 from sparcode_cli.atomic import atomic_path, file_digest, temp_dir, write_json
 from sparcode_cli.data.dataset import Dataset, Ragged
+from sparcode_cli.data.queries import history_queries, training_users
 from sparcode_cli.errors import UserError
 from sparcode_cli.provenance import code_digest, git_commit, versions
 
@@ -154,18 +155,11 @@ def encode_users(
 ) -> np.ndarray:
     """Encode queries: user users[j] reads history row rows[j] (default j). SparCode -> (U, K_u) int64 code
     ids, sorted within each row; two-tower -> (U, d) float32 query vectors (1/τ folded in)."""
-    from sparcode_cli.training.sampler import last_items, query_batch
-
-    users = np.asarray(users, dtype=np.int64)
-    rows = np.arange(len(users), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     max_history = int(model.cfg.get("max_history", 50))
-    feats = ds.features.user_feats
     is_codes = hasattr(model, "codes")
     out = []
     with torch.inference_mode():
-        for s in range(0, len(users), batch):
-            sl = slice(s, s + batch)
-            q = query_batch(last_items(history, rows[sl], max_history), feats[users[sl]].astype(np.int64))
+        for q in history_queries(ds, history, users, max_history, rows=rows, batch=batch):
             if is_codes:
                 out.append(torch.sort(model.codes(q), dim=1).values.cpu().numpy())
             else:
@@ -178,7 +172,7 @@ def encode_users(
 def reached_codes(model: torch.nn.Module, ds: Dataset) -> np.ndarray:
     """Sorted distinct code ids of every training user (its training items as the query, the test-time
     convention) and every validation user (its validation query)."""
-    train_users = np.flatnonzero(ds.train.lengths() > 0).astype(np.int64)
+    train_users = training_users(ds)
     a = encode_users(model, ds, ds.train, train_users, rows=train_users)  # train row index = user id
     b = encode_users(model, ds, ds.valid.query, ds.valid.users)
     return np.unique(np.concatenate([a.ravel(), b.ravel()])).astype(np.int64)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from sparcode_cli.data.dataset import Dataset, Ragged
+from sparcode_cli.data.queries import last_items, query_batch
 
 DEFAULT_KS = (20, 50)
 METRICS = ("recall", "ndcg", "precision", "hitrate", "list_len")
@@ -147,8 +148,6 @@ def evaluate(
     model config's `max_history`) items of the split's query history; all query items are masked (written
     into the returned tensor, so `score_all` must return a fresh tensor, not a cached one).
     """
-    from sparcode_cli.training.sampler import last_items, query_batch
-
     es = ds.split(split)
     if exclude_nonpositive is None:
         exclude_nonpositive = bool(getattr(model, "exclude_nonpositive", False))

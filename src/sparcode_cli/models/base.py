@@ -9,22 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from sparcode_cli.data.dataset import Dataset
-
-
-@dataclass
-class QueryBatch:
-    history: Tensor  # (B, L) int64 item ids, left-padded with 0, most recent item last
-    user_feats: Tensor  # (B, 3) int64: gender, age, occupation (0 = unknown)
-
-    def to(self, device: torch.device | str) -> QueryBatch:
-        return QueryBatch(self.history.to(device), self.user_feats.to(device))
-
-    def __len__(self) -> int:
-        return self.history.shape[0]
+from sparcode_cli.data.queries import QueryBatch  # noqa: F401  (re-exported: the models' query type)
 
 
 @dataclass

@@ -59,6 +59,7 @@ where the sparse logits give no gradient) + optional L1 `l1` x mean(ReLU(g~ + b)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -378,16 +379,28 @@ class SparCode(TokenCross):
         self._row_cache, self._row_cache_key = {}, None
 
     # -- warm start -------------------------------------------------------------------------------------------
-    def init_from_run(self, ckpt: dict[str, Any], queries: QueryBatch | None = None) -> None:
+    def init_from_run(
+        self, ckpt: dict[str, Any], queries: QueryBatch | Iterable[QueryBatch] | None = None
+    ) -> None:
         """Warm start from a trained two-tower checkpoint: encoders copied, token heads = identity (+ noise), so
-        the tokens start as the two-tower vectors; codebooks from k-means of those user tokens, now when
-        `queries` are given, else on the first training batch; the bias is re-initialised the same way."""
+        the tokens start as the two-tower vectors; codebooks from k-means of those user tokens (eval mode: no
+        dropout), now when `queries` are given (the trainer gives every training user's query), else on the
+        first training batch; the row density starts at the density target's first value."""
         self._copy_two_tower(ckpt)
         self.quantizer.initted.fill_(False)
         self.bias_initted.fill_(False)
         self.n_steps.zero_()
-        self.row_density.fill_(1.0)
+        self.row_density.fill_(self.current_target())
         self.quantize_after = 0  # the tokens are trained already: k-means of them now, or of the first batch
-        if queries is not None:
+        if queries is None:
+            return
+        batches = [queries] if isinstance(queries, QueryBatch) else queries
+        was = self.training
+        self.eval()
+        try:
             with torch.no_grad():
-                self.quantizer.init_from(self.user_tokens(queries).reshape(-1, self.token_dim))
+                dev = self.row_density.device
+                z = torch.cat([self.user_tokens(q.to(dev)).reshape(-1, self.token_dim) for q in batches])
+        finally:
+            self.train(was)
+        self.quantizer.init_from(z)

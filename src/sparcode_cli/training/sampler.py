@@ -26,29 +26,9 @@ import numpy as np
 import torch
 
 from sparcode_cli.data.dataset import Ragged
-from sparcode_cli.models.base import QueryBatch
+from sparcode_cli.data.queries import QueryBatch, query_batch, window
 
 NEGATIVE_MODES = ("uniform", "in-batch", "mixed")
-
-
-def last_items(ragged: Ragged, rows: np.ndarray, length: int) -> np.ndarray:
-    """(n, length) int64: the last `length` values of each row, left-padded with 0 (most recent last)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    start, end = ragged.indptr[rows], ragged.indptr[rows + 1]
-    return _window(ragged.values, start, end, length)
-
-
-def _window(values: np.ndarray, start: np.ndarray, end: np.ndarray, length: int) -> np.ndarray:
-    """values[max(start, end - length):end] per row, left-padded with 0 to `length`."""
-    idx = end[:, None] - length + np.arange(length, dtype=np.int64)[None, :]
-    ok = idx >= start[:, None]
-    if len(values) == 0:
-        return np.zeros(idx.shape, dtype=np.int64)
-    return np.where(ok, values[np.clip(idx, 0, len(values) - 1)], 0).astype(np.int64)
-
-
-def query_batch(history: np.ndarray, user_feats: np.ndarray) -> QueryBatch:
-    return QueryBatch(torch.from_numpy(np.ascontiguousarray(history)), torch.from_numpy(user_feats))
 
 
 @dataclass
@@ -120,7 +100,7 @@ class Sampler:
         p, rows = self.sample_pos[sel], self.sample_row[sel]
         pos = self.train.values[p]
         if self.ordered:
-            hist = _window(self.train.values, self.train.indptr[rows], p, self.L)
+            hist = window(self.train.values, self.train.indptr[rows], p, self.L)
         else:
             hist = self._random_others(p, rows, rng)
         neg, log_q = self._negatives(pos, rng)

@@ -11,7 +11,10 @@ logQ correction, masks accidental hits, takes the sampled softmax cross-entropy 
 adds `aux_loss`, steps AdamW and calls `model.after_step()`. Every epoch (`eval_every_epochs`) validation is
 ranked exactly (metrics.evaluate); early stopping watches validation Recall@20 (never test). Models with
 `trainable = False` (popularity) only `fit(ds)`. Optional hooks: `epoch_stats()` (logged per epoch),
-`init_from_run(checkpoint_dict)` (warm start, `init_from=`).
+`init_from_run(checkpoint_dict, training_queries)` (warm start, `init_from=`: every training user's query is
+given, e.g. for SparCode's k-means codebooks). A warm start is validated before the first step (epoch 0) and is
+a candidate for the best checkpoint like every later epoch, so training never hands back less than its start on
+validation.
 
 Run folder `<out>/<run-id>/`: config.toml, meta.json, train.log, metrics.jsonl, checkpoint_best.pt,
 checkpoint_last.pt, results.json (+ results_per_user.npz for the paired bootstrap).
@@ -46,6 +49,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from sparcode_cli.atomic import atomic_path, exclusive_lock, write_json, write_text
 from sparcode_cli.config import config_hash, run_id, to_toml
 from sparcode_cli.data.dataset import Dataset
+from sparcode_cli.data.queries import training_queries
 from sparcode_cli.errors import UserError
 from sparcode_cli.metrics import DEFAULT_KS, EvalResult, evaluate, format_summary
 from sparcode_cli.models import (
@@ -409,7 +413,7 @@ def _train_locked(
         hook = getattr(model, "init_from_run", None)
         if hook is None:
             raise UserError(f"model {name!r} cannot start from another run (--init-from)")
-        hook(init_ckpt)
+        hook(init_ckpt, training_queries(ds, int(mc.get("max_history", 50))))
         log(f"initialised from {init_from}")
 
     def checkpoint(path: Path) -> None:
@@ -475,6 +479,13 @@ def _train_locked(
             f"negatives {tc['negatives']} ({tc['n_negatives']}), up to {epochs} epochs"
             + (f" / {budget} steps" if budget else "")
         )
+    if init_ckpt is not None and not resume:
+        # the warm start is a checkpoint like any other: training keeps it unless it does better on validation
+        v = run_eval(" (warm start)", 0)
+        tag = v.pop("_tag")
+        st["history"].append({"epoch": 0, "step": 0, "valid": v})
+        log(f"epoch   0 step      0  valid {format_summary(v, ('recall@20', 'ndcg@20', 'recall@50'))}{tag}")
+        write_history()
     stop_reason = "finished"
     sig = _SigintFlag()
     bar = _progress(console, progress and not quiet)
