@@ -185,3 +185,34 @@ def test_cli_train_index_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             assert metrics["overlap@50"] == 1.0 and metrics["nnz"] > 0
         else:
             assert metrics["retriever"] == "faiss-hnsw" and metrics["overlap@50"] > 0.9
+
+
+@pytest.mark.e2e
+def test_cli_gru4rec_train_index_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The gru4rec encoder end to end: a two-tower, then SparCode warm-started from it, each indexed and
+    evaluated from the command line."""
+    from tests.synthetic import group_table
+
+    csv = write_csv(
+        group_table(n_groups=8, users_per_group=12, items_per_group=10, seq_len=12), tmp_path / "g.csv"
+    )
+    runs = tmp_path / "runs"
+    gru = "--set=model.query_encoder=gru4rec"
+    base = ["--dataset", str(csv), "--out", str(runs), "--no-progress", gru]
+    assert _cli(["train", "--model", "two-tower", *base, *(f"--set={s}" for s in SMALL)]) == 0
+    (tt_run,) = runs.iterdir()
+    warm = [f"--set={s}" for s in SPARCODE] + ["--set=train.max_steps=40"]
+    assert _cli(["train", "--model", "sparcode", *base, *warm, "--init-from", str(tt_run)]) == 0
+    (sc_run,) = [p for p in runs.iterdir() if p.name.startswith("sparcode")]
+    meta = json.loads((sc_run / "meta.json").read_text())
+    assert meta["init_from"] == str(tt_run)
+    for run in (tt_run, sc_run):
+        assert 'query_encoder = "gru4rec"' in (run / "config.toml").read_text()
+        out = tmp_path / f"out-{run.name}"
+        assert _cli(["index", str(run), "--out", str(out), "--no-progress"]) == 0
+        assert _cli(["eval", "--index", str(out), "--threads", "1", "--latency-queries", "5"]) == 0
+        assert "recall@20" in capsys.readouterr().out
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert 0 < metrics["recall@50"] <= 1
+        if run is sc_run:
+            assert metrics["overlap@50"] == 1.0 and metrics["nnz"] > 0

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sparcode_cli.config import load_config
 from sparcode_cli.data.queries import last_items, query_batch
+from sparcode_cli.errors import UserError
 from sparcode_cli.models import attach_features, build_model
 from sparcode_cli.models.base import DataContext
 from sparcode_cli.models.interaction import Interaction
@@ -255,3 +256,28 @@ def test_warm_start_across_dropout_settings() -> None:
     sc.init_from_run(ckpt, _queries(ds, 16))
     for name, p in tt.query_encoder.state_dict().items():
         assert torch.equal(sc.query_encoder.state_dict()[name], p), name
+
+
+@pytest.mark.parametrize("name", ["sparcode", "all-to-all"])
+def test_warm_start_from_a_gru4rec_two_tower(name: str) -> None:
+    """The GRU and the rest of the gru4rec encoder are copied by name; the warm model encodes as the two-tower."""
+    ds, tt, ckpt = _two_tower_ckpt("model.query_encoder=gru4rec")
+    assert any(k.startswith("query_encoder.gru.") for k in ckpt["state_dict"])
+    m, _ = small_model(name, "model.dim=8", "model.token_dim=8", "model.query_encoder=gru4rec")
+    m.init_from_run(ckpt)
+    for k, p in tt.query_encoder.state_dict().items():
+        assert torch.equal(m.query_encoder.state_dict()[k], p), k
+    q = _queries(ds, 16)
+    tt.eval()
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m.query_encoder(q), tt.query_encoder(q))
+    # a different encoder, or a GRU of another depth, is refused by name (not a state-dict error)
+    other, _ = small_model(name, "model.dim=8", "model.token_dim=8", "model.query_encoder=sasrec")
+    with pytest.raises(UserError, match="query_encoder = 'gru4rec'"):
+        other.init_from_run(ckpt)
+    deeper, _ = small_model(
+        name, "model.dim=8", "model.token_dim=8", "model.query_encoder=gru4rec", "model.gru_layers=2"
+    )
+    with pytest.raises(UserError, match=r"(?s)gru_layers = 1, this model 2.*--set model.gru_layers=1"):
+        deeper.init_from_run(ckpt)

@@ -54,6 +54,19 @@ LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
         150,
         0.5,
     ),
+    (
+        "two-tower",
+        [
+            "model.query_encoder=gru4rec",
+            "model.dim=16",
+            "model.emb_dim=16",
+            "model.hidden=32",
+            "model.max_history=8",
+            "train.lr=0.01",
+        ],
+        150,
+        0.5,
+    ),
     ("sparcode", SPARCODE_SMALL, 500, 0.5),
     ("sparcode", ["model.quantizer=residual", *SPARCODE_SMALL], 500, 0.5),
     (
@@ -72,7 +85,12 @@ LEARNED_MODELS: list[tuple[str, list[str], int, float]] = [
     ),  # noqa: E501
 ]
 
-MODEL_IDS = [m[0] + ("-residual" if "model.quantizer=residual" in m[1] else "") for m in LEARNED_MODELS]
+MODEL_IDS = [
+    m[0]
+    + ("-residual" if "model.quantizer=residual" in m[1] else "")
+    + ("-gru4rec" if "model.query_encoder=gru4rec" in m[1] else "")
+    for m in LEARNED_MODELS
+]
 
 
 @pytest.fixture(scope="module")

@@ -250,12 +250,38 @@ def test_ctrl_c_saves_last_checkpoint(ds: Any, tmp_path: Path, monkeypatch: pyte
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
 
-def test_sasrec_refuses_unordered_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder", ["sasrec", "gru4rec"])
+def test_order_aware_encoders_refuse_unordered_data(tmp_path: Path, encoder: str) -> None:
     unordered = checkerboard(ordered=False)
-    with pytest.raises(UserError, match="unordered"):
-        quiet_train(unordered, small_cfg("model.query_encoder=sasrec"), tmp_path)
+    for model in ("two-tower", "sparcode"):
+        with pytest.raises(UserError, match=rf"query_encoder = '{encoder}' reads the order.*unordered"):
+            quiet_train(unordered, small_cfg(f"model.query_encoder={encoder}", model=model), tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before the run folder exists
     res = quiet_train(unordered, small_cfg("train.epochs=1"), tmp_path)  # dnn works on unordered data
     assert res.test is not None
+
+
+def test_cli_gru4rec_on_unordered_data_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CSV without timestamps is unordered: exit 2 and one line naming the encoder, nothing written."""
+    board = checkerboard()
+    lines = ["user,item"]
+    for u in range(1, board.n_users + 1):
+        seq = np.concatenate(
+            [board.train.row(u), board.valid.targets.row(u - 1), board.test.targets.row(u - 1)]
+        )
+        lines += [f"u{u},i{i}" for i in seq.tolist()]
+    csv = tmp_path / "board.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "runs"
+    args = ["train", "--dataset", str(csv), "--model", "two-tower", "--out", str(out), "--no-progress"]
+    args += [f"--set={s}" for s in SMALL] + ["--set", "model.query_encoder=gru4rec"]
+    assert _cli(args) == 2
+    err = capsys.readouterr().err
+    assert "model.query_encoder = 'gru4rec' reads the order of the history" in err and "unordered" in err
+    assert "Traceback" not in err and err.count("unordered") == 1
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_popularity_fits_without_loop(ds: Any, tmp_path: Path) -> None:

@@ -91,13 +91,14 @@ class PopularityConfig(ModelSection):
 class EncoderConfig(ModelSection):
     """The shared query and item encoders (models/encoders.py)."""
 
-    query_encoder: Literal["dnn", "sasrec"]
+    query_encoder: Literal["dnn", "sasrec", "gru4rec"]
     dim: int = Field(ge=1)
     emb_dim: int = Field(ge=1)
     hidden: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
     sasrec_layers: int = Field(ge=1)
     sasrec_heads: int = Field(ge=1)
+    gru_layers: int = Field(ge=1)
 
     def cross_key_problems(self) -> list[str]:
         problems = super().cross_key_problems()
@@ -278,7 +279,7 @@ class KeySpec:
     also: tuple[str, ...] = ()  # literals accepted besides the type, e.g. "default"
 
     def describe(self) -> str:
-        """In words: 'an integer >= 1', 'a finite number > 0 and <= 1', 'one of: dnn, sasrec'."""
+        """In words: 'an integer >= 1', 'a finite number > 0 and <= 1', 'one of: dnn, sasrec, gru4rec'."""
         if self.choices:
             text = "one of: " + ", ".join(self.choices)
         else:

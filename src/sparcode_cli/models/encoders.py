@@ -1,8 +1,8 @@
-"""Shared encoders: the item encoder (id + genres + year) and the query encoders (`dnn`, `sasrec`).
+"""Shared encoders: the item encoder (id + genres + year) and the query encoders (`dnn`, `sasrec`, `gru4rec`).
 
 Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
-`hidden` (MLP hidden size), `dropout`, `query_encoder` ("dnn" or "sasrec"), `sasrec_layers`,
-`sasrec_heads`, `max_history` (L).
+`hidden` (MLP hidden size), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"), `sasrec_layers`,
+`sasrec_heads`, `gru_layers`, `max_history` (L).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class DNNQueryEncoder(nn.Module):
     """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP."""
 
     order_aware = False
+    weight_keys: tuple[str, ...] = ()  # config keys (besides dim / emb_dim / hidden) that shape the weights
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
@@ -100,6 +101,7 @@ class SASRecQueryEncoder(nn.Module):
     """Causal self-attention over the history with positional embeddings; the last position + user features."""
 
     order_aware = True
+    weight_keys = ("sasrec_layers", "max_history")
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
@@ -143,7 +145,59 @@ class SASRecQueryEncoder(nn.Module):
         return self.out(torch.cat([last, self.user(q.user_feats)], dim=-1))
 
 
-QUERY_ENCODERS = {"dnn": DNNQueryEncoder, "sasrec": SASRecQueryEncoder}
+class GRU4RecQueryEncoder(nn.Module):
+    """GRU4Rec style: a GRU over the ordered history; its hidden state after the most recent item + user
+    features -> MLP.
+
+    The history is left-padded. Rather than run the GRU through the padding (its biases move the state even on
+    zero inputs, so the state would depend on how much padding a row has), each row is rotated so its items come
+    first and the batch is packed with the true lengths: the GRU sees exactly the user's items, oldest first, and
+    h_n is the state after the last one, whatever the padding. An empty history reads one padding item (zero
+    embedding) and so gives a constant state."""
+
+    order_aware = True
+    weight_keys = ("gru_layers",)
+
+    def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
+        super().__init__()
+        e = int(cfg["emb_dim"])
+        self.max_len = int(cfg["max_history"])
+        dropout = float(cfg.get("dropout", 0.0))
+        layers = int(cfg.get("gru_layers", 1))
+        self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.emb_dropout = nn.Dropout(dropout)
+        # torch applies GRU dropout between layers only (and warns if it is set with one layer)
+        self.gru = nn.GRU(e, e, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.user = UserFeatures(ctx, max(e // 4, 4))
+        self.out = mlp([e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], dropout)
+
+    def forward(self, q: QueryBatch) -> Tensor:
+        hist = q.history[:, -self.max_len :]
+        length = hist.shape[1]
+        n = (hist > 0).sum(1)
+        # left-padded -> items first: row r's column j reads column (j + pads_r) mod L
+        cols = (torch.arange(length, device=hist.device).unsqueeze(0) + (length - n).unsqueeze(1)) % length
+        x = self.emb_dropout(self.item_emb(hist.gather(1, cols)))
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, n.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, h_n = self.gru(packed)  # (layers, B, e), back in the batch's order
+        return self.out(torch.cat([h_n[-1], self.user(q.user_feats)], dim=-1))
+
+
+QUERY_ENCODERS: dict[str, type[nn.Module]] = {
+    "dnn": DNNQueryEncoder,
+    "sasrec": SASRecQueryEncoder,
+    "gru4rec": GRU4RecQueryEncoder,
+}
+
+
+def is_order_aware(name: str) -> bool:
+    """Whether query encoder `name` reads the order of the history (and so refuses unordered data)."""
+    return bool(getattr(QUERY_ENCODERS.get(str(name)), "order_aware", False))
 
 
 def build_query_encoder(cfg: dict[str, Any], ctx: DataContext) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sparcode_cli.models import fused_table
 from sparcode_cli.models.base import DataContext, QueryBatch, Recommender
-from sparcode_cli.models.encoders import ItemEncoder, build_query_encoder
+from sparcode_cli.models.encoders import QUERY_ENCODERS, ItemEncoder, build_query_encoder
 
 INTERACTIONS = ("mlp", "attention")
 
@@ -231,7 +231,8 @@ class TokenCross(Recommender):
         tt_cfg = dict(ckpt.get("config", {}))
         if isinstance(tt_cfg.get("model"), dict):  # a full resolved config: its [model] section
             tt_cfg = dict(tt_cfg["model"])
-        for key in ("dim", "emb_dim", "hidden", "query_encoder"):
+        weight_keys = getattr(QUERY_ENCODERS.get(str(self.cfg.get("query_encoder"))), "weight_keys", ())
+        for key in ("dim", "emb_dim", "hidden", "query_encoder", *weight_keys):
             if key in tt_cfg and str(tt_cfg[key]) != str(self.cfg.get(key)):
                 raise UserError(
                     f"--init-from: the two-tower run has {key} = {tt_cfg[key]!r}, this model {self.cfg.get(key)!r}",

@@ -75,6 +75,8 @@ def _root(path: str) -> Path:
 def resolve(plan: Plan, mirror: str | None, out: Path) -> tuple[list[TrainJob], dict[TrainSpec, TrainJob]]:
     """Prepare the datasets and give every training spec its config and run id: the jobs (one per run id)
     and the job of every spec."""
+    from sparcode_cli.models.encoders import is_order_aware
+
     folders: dict[tuple[str, str], Path] = {}
     by_spec: dict[TrainSpec, TrainJob] = {}
     by_id: dict[str, TrainJob] = {}
@@ -93,8 +95,9 @@ def resolve(plan: Plan, mirror: str | None, out: Path) -> tuple[list[TrainJob], 
             by_spec[spec] = by_id[rid]
             continue
         job = TrainJob(spec, cfg, rid, out / rid, folders[dkey], sample, init)
-        if cfg["model"].get("query_encoder") == "sasrec" and not ds.ordered:
-            job.status, job.note = "skipped", f"{ds.name} is unordered: sasrec reads order"
+        encoder = cfg["model"].get("query_encoder")
+        if encoder is not None and not ds.ordered and is_order_aware(encoder):
+            job.status, job.note = "skipped", f"{ds.name} is unordered: {encoder} reads order"
         elif init is not None and init.status == "skipped":
             job.status, job.note = "skipped", "its warm-start run is skipped"
         else:

@@ -61,6 +61,7 @@ from sparcode_cli.models import (
     set_rng_state,
 )
 from sparcode_cli.models.base import DataContext, Recommender, TrainOutput
+from sparcode_cli.models.encoders import is_order_aware
 from sparcode_cli.provenance import code_digest, git_commit, versions
 from sparcode_cli.training.sampler import Sampler, accidental_hits
 
@@ -222,9 +223,10 @@ def train(
     init_from: a run folder or checkpoint whose dict is passed to `model.init_from_run` (warm start).
     """
     console = console or Console(stderr=True)
-    if not ds.ordered and cfg["model"].get("query_encoder") == "sasrec":
+    encoder = cfg["model"].get("query_encoder")
+    if not ds.ordered and encoder is not None and is_order_aware(encoder):
         raise UserError(
-            f"model.query_encoder = 'sasrec' reads the order of the history, but dataset {ds.name!r} is unordered",
+            f"model.query_encoder = {encoder!r} reads the order of the history, but dataset {ds.name!r} is unordered",
             hint="use --set model.query_encoder=dnn for this dataset",
         )
 
