@@ -112,12 +112,12 @@ def test_hash_and_run_id() -> None:
 
 def test_a_newer_key_at_its_old_behaviour_keeps_the_run_id() -> None:
     """model.quantizer came after runs existed: "product" (the old behaviour) leaves the hash as it was."""
-    cfg = load_config("sparcode")
-    assert cfg["model"]["quantizer"] == "product"
+    cfg = load_config("sparcode", overrides=["model.quantizer=product"])
     old = {s: {k: v for k, v in cfg[s].items() if (s, k) != ("model", "quantizer")} for s in cfg}
     assert config_hash(cfg, "d", 0) == config_hash(old, "d", 0)
     residual = load_config("sparcode", overrides=["model.quantizer=residual"])
     assert config_hash(residual, "d", 0) != config_hash(cfg, "d", 0)
+    assert load_config("sparcode")["model"]["quantizer"] == "residual"  # the default since session 5
     with pytest.raises(UserError, match="quantizer"):
         load_config("sparcode", overrides=["model.quantizer=lattice"])
 

@@ -35,7 +35,7 @@ from tests.cli import exit_code
 
 # Computed with the code before the declarations existed: validation must not move an existing run id.
 RUN_IDS = {
-    "sparcode": "sparcode-movielens-dd0207bc",
+    "sparcode": "sparcode-movielens-c90ac27d",
     "two-tower": "two-tower-movielens-755bc941",
     "all-to-all": "all-to-all-movielens-b3b3a2da",
     "popularity": "popularity-movielens-84b0d3d2",
@@ -236,9 +236,13 @@ def test_product_quantizer_needs_token_dim_a_multiple_of_m() -> None:
     with pytest.raises(
         UserError, match=r"^model\.token_dim = 60 is not allowed with model\.m = 8: must be a mult"
     ):
-        load_config("sparcode", overrides=["model.token_dim=60", "model.m=8"])
+        load_config(
+            "sparcode",
+            overrides=["model.token_dim=60", "model.m=8", "model.quantizer=product", "model.n_codewords=64"],
+        )
     residual = load_config(
-        "sparcode", overrides=["model.token_dim=60", "model.m=8", "model.quantizer=residual"]
+        "sparcode",
+        overrides=["model.token_dim=60", "model.m=8", "model.quantizer=residual", "model.n_codewords=64"],
     )
     assert residual["model"]["m"] == 8
 

@@ -47,6 +47,7 @@ SPARCODE = [
     *SMALL,
     "model.token_dim=16",
     "model.k_u=4",
+    "model.quantizer=product",  # spread_codes writes product codebooks
     "model.n_codewords=8",  # M = 2: 64 codes
     "model.interaction_hidden=8",
     "model.density_warmup=10",

@@ -211,8 +211,12 @@ def test_warm_start_from_two_tower() -> None:
         "sparcode", "model.dim=8", "model.token_dim=8", "model.n_codewords=8", "model.head_noise=0.05"
     )
     q = _queries(ds, 16)
-    sc.init_from_run(ckpt, q)
+    sc.train()
+    sc.init_from_run(ckpt, [q])  # the trainer gives an iterable of query batches
     assert bool(sc.quantizer.initted) and sc.quantize_after == 0
+    # past the density warm-up: cut at the target from the first step, and selectable from epoch 0
+    assert sc.selectable() and float(sc.row_density) == pytest.approx(sc.target_density)
+    assert sc.training  # the k-means tokens were taken in eval mode (no dropout), the mode is restored
     with torch.no_grad():
         qv = F.normalize(tt.query_encoder(q), dim=-1)
         z = sc.user_tokens(q)  # every token starts as (about) the two-tower query vector

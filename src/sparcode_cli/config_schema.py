@@ -148,7 +148,6 @@ class SparCodeConfig(TokenCrossConfig):
     density_items: int = Field(ge=2)  # a row's std over the probe items needs two of them
     row_norm: Literal["standard", "center"]
     cut: Literal["row", "global"]
-    dense_loss: float = Field(ge=0)
     bias_lr: float = Field(ge=0, le=1)  # a controller gain: above 1 it overshoots
     leak: float = Field(ge=0, le=1)  # a backward slope below the cut, at most the slope above it
     leak_steps: int = Field(ge=0)

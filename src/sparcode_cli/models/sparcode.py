@@ -51,9 +51,14 @@ Training logits: the forward pass is the exact ReLU (what is zero in training is
 times a learned softmax scale (`logit_scale`, log-parametrised, clamped at 100), which changes no ranking and
 is not stored in the index. For the positives only, the backward pass leaks with slope `leak` annealed
 linearly to 0 over `leak_steps` steps, so a positive below the cut still gets a gradient. `aux_loss` =
-commitment loss + `dense_loss` x a dense softmax on sum_k g~(ẑ_k, i) (uncut) of each row's positive against
-the uniform probe items (uniform, so no logQ correction is needed; it keeps g~ ranking items below the cut,
-where the sparse logits give no gradient) + optional L1 `l1` x mean(ReLU(g~ + b)) over the negatives.
+commitment loss + optional L1 `l1` x mean(ReLU(g~ + b)) over the negatives. (A dense auxiliary softmax on the
+uncut rows against uniform items was removed: it lost its ablation, experiments/results/
+movielens-100k-sparcode-warm-start.md.)
+
+Warm start (`init_from_run`, what `make reproduce` does): the two-tower's encoders, token heads = identity +
+noise, h = 0, codebooks by k-means of every training user's tokens, and the density warm-up skipped (the rows
+rank items already, so they are cut at the target from the first step). The trainer validates this start at
+epoch 0 and keeps it as the best checkpoint unless a trained epoch does better on validation.
 """
 
 from __future__ import annotations
@@ -122,7 +127,6 @@ class SparCode(TokenCross):
         self.leak, self.leak_steps = float(cfg.get("leak", 0.1)), int(cfg.get("leak_steps", 2000))
         self.l1 = float(cfg.get("l1", 0.0))
         self.density_items = int(cfg.get("density_items", 128))
-        self.dense_loss = float(cfg.get("dense_loss", 1.0))
         self.row_norm = str(cfg.get("row_norm", "center"))
         self.cut = str(cfg.get("cut", "global"))
         if self.cut not in ("global", "row"):
@@ -170,8 +174,8 @@ class SparCode(TokenCross):
         it_pos, it_neg = it[:b_size], it[b_size:]
         g_neg = self.interaction.table(c, it_neg)  # (B*K_u, S): the shared negatives' item side, once
         g_pos = self.interaction.paired(c.rows(b_size, self.k_u), it_pos)  # (B, K_u)
-        # Uniform probe items: the controller measures density on them (the index counts every item alike), and
-        # the dense auxiliary loss uses them as negatives (uniform: no logQ correction needed).
+        # Uniform probe items: the rows' statistics and cut are measured on them (the index counts every item
+        # alike).
         probe = torch.randint(1, self.ctx.n_items + 1, (self.density_items,), device=pos.device)
         g_probe = self.interaction.table(c, self.interaction.item_side(self.tokens_of(probe)))  # (B*K_u, P)
         # Each code's row centred (row_norm "standard": standardised) over items: the statistics over the uniform
@@ -203,21 +207,12 @@ class SparCode(TokenCross):
                 self._batch_density = float((flat + self.bias > 0).float().mean())
         # the learned softmax scale: a temperature, it changes no ranking and is not stored in the index
         scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
-        dense = g_pos.new_zeros(())
-        if self.dense_loss > 0:
-            d_pos = g_pos.sum(1, keepdim=True)
-            d_neg = (
-                g_probe.reshape(b_size, self.k_u, -1).sum(1).masked_fill(probe[None] == pos[:, None], -1e4)
-            )
-            dense_logits = scale * torch.cat([d_pos, d_neg], 1)
-            target = dense_logits.new_zeros(b_size, dtype=torch.long)
-            dense = self.dense_loss * F.cross_entropy(dense_logits, target)
         x_neg = g_neg + self.bias
         x_pos = g_pos + self.bias
         relu_neg = F.relu(x_neg)
         neg_logits = scale * relu_neg.reshape(b_size, self.k_u, -1).sum(1)
         pos_logits = scale * leaky_cut(x_pos, self.leak_slope()).sum(1)
-        aux = commit + dense + (self.l1 * relu_neg.mean() if self.l1 > 0 else 0.0)
+        aux = commit + (self.l1 * relu_neg.mean() if self.l1 > 0 else 0.0)
         return TrainOutput(pos_logits, neg_logits, aux)
 
     def _normalise_rows(self, g: Tensor) -> Tensor:
@@ -389,7 +384,7 @@ class SparCode(TokenCross):
         self._copy_two_tower(ckpt)
         self.quantizer.initted.fill_(False)
         self.bias_initted.fill_(False)
-        self.n_steps.zero_()
+        self.n_steps.fill_(self.density_warmup)  # past the density warm-up: cut at the target from step 0
         self.row_density.fill_(self.current_target())
         self.quantize_after = 0  # the tokens are trained already: k-means of them now, or of the first batch
         if queries is None:
