@@ -1,7 +1,7 @@
-"""SparCode training-objective ablation on movielens-100k (dnn encoder, mlp interaction), 3 seeds.
+"""SparCode training ablation on movielens-100k (dnn encoder, mlp interaction), 3 seeds.
 
 Runs the two-tower warm starts (1000 steps), then SparCode (400 steps) from each, with the defaults and one
-change at a time, 2 processes at a time, 1 thread each; writes a JSON summary (collect with the --collect step).
+change at a time (each variant restores one earlier default or removes one mechanism), 2 processes at a time, 1 thread each; writes a JSON summary (collect with the --collect step).
 
     SPARCODE_HOME=<home> python experiments/scripts/training_ablation.py --runs <runs> --mirror <data> \
         --summary <runs>/ablation_summary.json [--variants default,a,b,...]
@@ -23,13 +23,13 @@ SPARCODE = str(Path(sys.executable).parent / "sparcode")
 COMMON = ["--set", "train.epochs=1000", "--set", "train.threads=1", "--no-progress"]
 VARIANTS = {
     "default": [],
-    "a": ["model.dense_loss=0"],
-    "b": ["model.leak=0"],
-    "c": ["model.target_density=1.0"],
-    "d": ["train.lr=0.0003"],
-    "e": ["model.ema_decay=1.0"],
-    "f": ["model.beta=0"],
-    "g": ["train.max_steps=1500"],
+    "a": ["model.quantizer=product", "model.n_codewords=64"],
+    "b": ["model.logit_scale=5.0"],
+    "c": ["train.lr=0.001"],
+    "d": ["model.leak=0"],
+    "e": ["model.target_density=1.0"],
+    "f": ["train.max_steps=1500"],
+    "g": ["model.head_noise=0.5"],
 }
 
 

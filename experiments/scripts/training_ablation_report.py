@@ -17,13 +17,13 @@ from sparcode_cli.paths import processed_root
 
 LABELS = {
     "default": "default",
-    "a": "a `model.dense_loss=0`",
-    "b": "b `model.leak=0`",
-    "c": "c `model.target_density=1.0` (dense, not sparse)",
-    "d": "d `train.lr=0.0003`",
-    "e": "e `model.ema_decay=1.0`",
-    "f": "f `model.beta=0`",
-    "g": "g `train.max_steps=1500`",
+    "a": "a `model.quantizer=product`, `model.n_codewords=64` (the old codebook)",
+    "b": "b `model.logit_scale=5.0` (the old temperature)",
+    "c": "c `train.lr=0.001` (the old step)",
+    "d": "d `model.leak=0`",
+    "e": "e `model.target_density=1.0` (dense, not an index)",
+    "f": "f `train.max_steps=1500`",
+    "g": "g `model.head_noise=0.5`",
 }
 KEYS = [
     ("test_r20", "test R@20"),
@@ -38,12 +38,17 @@ def read(run: Path) -> dict:
     meta = json.loads((run / "meta.json").read_text())
     best_step = None
     traj = []
+    warm_valid, trained_valid = None, []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         e = json.loads(line)
         if e.get("epoch") == r.get("best_epoch"):
             best_step = e.get("step")
         if "valid" in e:
             traj.append(f"{e['step']}:{e['valid']['recall@20']:.3f}")
+            if e.get("epoch") == 0:
+                warm_valid = e["valid"]["recall@20"]
+            else:
+                trained_valid.append(e["valid"]["recall@20"])
     return {
         "test_r20": r["test"]["recall@20"],
         "test_r50": r["test"]["recall@50"],
@@ -58,6 +63,8 @@ def read(run: Path) -> dict:
         "traj": " ".join(traj),
         "data_hash": meta.get("data_hash"),
         "train_s": r.get("train_time_s"),
+        # best trained epoch's valid R@20 minus the warm start's (epoch 0), when the run validated its start
+        "gain": max(trained_valid) - warm_valid if warm_valid is not None and trained_valid else None,
     }
 
 
@@ -84,7 +91,8 @@ def main() -> None:
     seeds = sorted(s["two_tower"])
     tt = {k: read(Path(p)) for k, p in s["two_tower"].items()}
     sc = {v: {k: read(Path(p)) for k, p in d.items()} for v, d in s["sparcode"].items()}
-    warm = json.loads(a.warm.read_text()) if a.warm and a.warm.exists() else {}
+    grid = json.loads(a.warm.read_text()) if a.warm and a.warm.exists() else {"grid": {}, "warm": {}}
+    warm = grid["warm"].get("default", {})
     out: list[str] = []
     # per-seed table
     out += ["### Per run (best checkpoint, selected on valid R@20)", ""]
@@ -120,25 +128,26 @@ def main() -> None:
     out += [
         "| variant | n | "
         + " | ".join(h for _, h in KEYS)
-        + " | best steps | Δ test R@20 per seed | Δ test R@50 per seed | Δ R@50 mean | same sign |",
-        "|---|---|" + "---|" * len(KEYS) + "---|---|---|---|---|",
+        + " | best steps | best trained − warm start, valid R@20 per seed | Δ test R@20 per seed"
+        " | Δ test R@50 per seed | Δ R@50 mean | same sign |",
+        "|---|---|" + "---|" * len(KEYS) + "---|---|---|---|---|---|",
     ]
     out.append(
         f"| two-tower (reference) | {len(seeds)} | "
         + " | ".join(ms([tt[k][key] for k in seeds]) for key, _ in KEYS)
-        + f" | {', '.join(str(tt[k]['best_step']) for k in seeds)} | | | | |"
+        + f" | {', '.join(str(tt[k]['best_step']) for k in seeds)} | | | | | |"
     )
     ws = [k for k in seeds if k in warm]
     if ws:
         out.append(
             f"| warm start, no cut (untrained, waterfall step 2) | {len(ws)} | "
             + " | ".join(ms([warm[k]["2"][key] for k in ws]) for key, _ in KEYS)
-            + " | 0 | | | | |"
+            + " | 0 | | | | | |"
         )
         out.append(
             f"| warm start, cut 5% (untrained, waterfall step 3) | {len(ws)} | "
             + " | ".join(ms([warm[k]["3"][key] for k in ws]) for key, _ in KEYS)
-            + " | 0 | | | | |"
+            + " | 0 | | | | | |"
         )
     d = sc.get("default", {})
     for v in LABELS:
@@ -148,6 +157,7 @@ def main() -> None:
             continue
         row = f"| {LABELS[v]} | {len(ks)} | " + " | ".join(ms([runs[k][key] for k in ks]) for key, _ in KEYS)
         row += f" | {', '.join(str(runs[k]['best_step']) for k in ks)}"
+        row += " | " + ", ".join("—" if runs[k]["gain"] is None else f"{runs[k]['gain']:+.4f}" for k in ks)
         if v == "default":
             out.append(row + " | | | | |")
             continue
@@ -165,6 +175,23 @@ def main() -> None:
             f"{statistics.mean(d50):+.4f} | R@50 {same}, R@20 {same20} |"
         )
         out.append(row)
+    # the untrained warm start over quantizer / token-head settings
+    if grid["warm"]:
+        out += [
+            "",
+            "### The untrained warm start by quantizer and token heads (mean ± std over seeds)",
+            "",
+            "| setting | model keys | distinct codes (training users) | no cut: test R@20 | no cut: test R@50 "
+            "| cut 5%: test R@20 | cut 5%: test R@50 | cut 5%: valid R@20 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, per_seed in grid["warm"].items():
+            ks = sorted(per_seed)
+            keys = ", ".join(f"`{k}={v}`" for k, v in grid["grid"].get(name, {}).items()) or "(defaults)"
+            codes = ", ".join(str(per_seed[k]["codes"]) for k in ks)
+            cells = [ms([per_seed[k][st][key] for k in ks]) for st, key in (("2", "test_r20"), ("2", "test_r50"),
+                     ("3", "test_r20"), ("3", "test_r50"), ("3", "valid_r20"))]  # fmt: skip
+            out.append(f"| {name} | {keys} | {codes} | " + " | ".join(cells) + " |")
     # provenance
     dh = {r["data_hash"] for r in tt.values()}
     out += ["", "### Provenance", ""]

@@ -1,6 +1,7 @@
 """The untrained SparCode warm start per seed (waterfall.py's steps 2 and 3: quantized, no cut / cut at the
 target density), rebuilt exactly as waterfall.py rebuilds it (the SparCode run's seed and model config,
-`init_from_run` on the two-tower checkpoint, k-means of every training user's tokens), on valid and test.
+`init_from_run` on the two-tower checkpoint, k-means of every training user's tokens), on valid and test; for
+the default config and for each quantizer / token-head setting of GRID (model config keys replaced).
 
     SPARCODE_HOME=<home> python experiments/scripts/warm_start_seeds.py --summary <runs>/ablation_summary.json \
         --out <runs>/warm_start.json
@@ -26,6 +27,18 @@ sys.modules["waterfall"] = wf
 spec.loader.exec_module(wf)  # type: ignore[union-attr]
 
 
+GRID: dict[str, dict[str, object]] = {
+    "default": {},
+    "product, N=64 (the old default)": {"quantizer": "product", "n_codewords": 64},
+    "product, N=256": {"quantizer": "product", "n_codewords": 256},
+    "residual, N=64": {"quantizer": "residual", "n_codewords": 64},
+    "residual, M=3": {"m": 3},
+    "K_u=8": {"k_u": 8},
+    "K_u=1, head_noise=0": {"k_u": 1, "head_noise": 0.0},
+    "head_noise=0.5": {"head_noise": 0.5},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--summary", type=Path, required=True)
@@ -35,26 +48,29 @@ def main() -> None:
     s = json.loads(a.summary.read_text())
     folders = {Path(p).parent for p in s["two_tower"].values()}
     runs, _ = wf.read_runs(sorted(folders))
-    out = {}
-    for seed, sp_path in sorted(s["sparcode"]["default"].items()):
-        sp = runs[Path(sp_path).name]
-        tt = runs[Path(s["two_tower"][seed]).name]
-        ds = load_dataset(processed_root() / sp.meta["data_hash"])
-        ws = wf.warm_start(tt, sp, ds)
-        res = {}
-        for step, dens in (("2", 1.0), ("3", float(ws.target_density))):
-            m = wf.with_density(ws, dens)
-            v = evaluate(m, ds, "valid", (20, 50)).summary
-            t = evaluate(m, ds, "test", (20, 50)).summary
-            res[step] = {
-                "valid_r20": v["recall@20"],
-                "test_r20": t["recall@20"],
-                "test_r50": t["recall@50"],
-                "test_ndcg20": t["ndcg@20"],
+    out: dict[str, dict] = {}
+    for name, over in GRID.items():
+        for seed, sp_path in sorted(s["sparcode"]["default"].items()):
+            sp = runs[Path(sp_path).name]
+            tt = runs[Path(s["two_tower"][seed]).name]
+            ds = load_dataset(processed_root() / sp.meta["data_hash"])
+            ws = wf.warm_start(tt, sp, ds, over)
+            res: dict[str, object] = {
+                "codes": int(torch.unique(ws.codes(wf.train_queries(ds, int(ws.cfg["max_history"])))).numel())
             }
-            print(seed, step, res[step], flush=True)
-        out[seed] = res
-        a.out.write_text(json.dumps(out, indent=1))
+            for step, dens in (("2", 1.0), ("3", float(ws.target_density))):
+                m = wf.with_density(ws, dens)
+                v = evaluate(m, ds, "valid", (20, 50)).summary
+                t = evaluate(m, ds, "test", (20, 50)).summary
+                res[step] = {
+                    "valid_r20": v["recall@20"],
+                    "test_r20": t["recall@20"],
+                    "test_r50": t["recall@50"],
+                    "test_ndcg20": t["ndcg@20"],
+                }
+            print(name, seed, res, flush=True)
+            out.setdefault(name, {})[seed] = res
+            a.out.write_text(json.dumps({"grid": {k: GRID[k] for k in out}, "warm": out}, indent=1))
 
 
 if __name__ == "__main__":

@@ -239,10 +239,10 @@ class DenseSum(nn.Module):
         return out
 
 
-def warm_start(tt: Run, sp: Run, ds: Dataset) -> SparCode:
+def warm_start(tt: Run, sp: Run, ds: Dataset, overrides: dict[str, Any] | None = None) -> SparCode:
     """SparCode's untrained warm start as its trainer builds it (seed, config, `init_from_run`), codebooks by
-    k-means of every training user's tokens."""
-    cfg = load_checkpoint(sp.path / "checkpoint_best.pt")["config"]["model"]
+    k-means of every training user's tokens; `overrides` replace model config keys (warm_start_seeds.py's grid)."""
+    cfg = {**load_checkpoint(sp.path / "checkpoint_best.pt")["config"]["model"], **(overrides or {})}
     seed_everything(int(sp.meta["seed"]))
     m = build_model("sparcode", cfg, DataContext.from_dataset(ds))
     assert isinstance(m, SparCode)
