@@ -19,6 +19,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from sparcode_cli import indexing
 from sparcode_cli.config import load_config
 from sparcode_cli.data.dataset import Dataset
 from sparcode_cli.data.queries import last_items, query_batch
@@ -149,7 +150,7 @@ def test_codes(bd: Board) -> None:
 # ------------------------------------------------------------------------------------------------ sparse
 def test_sparse_index_equals_exact_scoring(bd: Board, tmp_path: Path) -> None:
     ds = bd.ds
-    m = build_index(bd.runs["sparcode"], tmp_path / "out", ds=ds, progress=False)
+    m = build_index(bd.runs["sparcode"], tmp_path / "out", ds=ds, codes="reached", progress=False)
     assert m["kind"] == "sparse" and m["codes"] == "reached" and m["max_per_code"] is None
     assert m["nnz"] > 0 and m["density"] == pytest.approx(m["nnz"] / (m["n_codes_built"] * ds.n_items))
     assert 0.2 < m["density"] < 0.4 and m["pairs_per_s"] > 0 and m["build_s"] > 0
@@ -236,11 +237,33 @@ def test_bias_override_travels_with_the_query_encoder(bd: Board, tmp_path: Path)
     assert overlap_at_k(top, ref, 50) == 1.0 and top.lengths.mean() < 50  # shorter lists, said so
 
 
+def test_auto_builds_the_whole_universe_when_it_is_small(
+    bd: Board, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """codes="auto" (the default): every code when N^M x (n_items + 1) <= AUTO_ALL_PAIRS, else the reached ones."""
+    ds = bd.ds
+    m = build_index(bd.runs["sparcode"], tmp_path / "a", ds=ds, progress=False)
+    assert (
+        m["codes_requested"] == "auto" and m["codes"] == "all" and m["n_codes_built"] == m["n_codes_universe"]
+    )
+    art = load_artifact(tmp_path / "a")
+    es = ds.split("test")
+    enc = encode_users(art.model, ds, es.query, es.users)
+    assert np.isin(enc, art.index.code_ids).all()  # no test user is scored on the fly
+    assert indexing.resolve_codes("auto", 64, ds.n_items) == "all"
+    monkeypatch.setattr(indexing, "AUTO_ALL_PAIRS", 64 * (ds.n_items + 1) - 1)
+    assert indexing.resolve_codes("auto", 64, ds.n_items) == "reached"
+    assert indexing.resolve_codes("all", 1 << 40, ds.n_items) == "all"
+    m = build_index(bd.runs["sparcode"], tmp_path / "b", ds=ds, progress=False)
+    assert m["codes_requested"] == "auto" and m["codes"] == "reached"
+    assert m["n_codes_built"] < m["n_codes_universe"]
+
+
 def test_save_load_gives_identical_retrieval(bd: Board, tmp_path: Path) -> None:
     ds = bd.ds
     model = model_from_checkpoint(load_checkpoint(bd.runs["sparcode"]))
     index, _ = build_code_index(model, reached_codes(model, ds))
-    build_index(bd.runs["sparcode"], tmp_path / "sp", ds=ds, progress=False)
+    build_index(bd.runs["sparcode"], tmp_path / "sp", ds=ds, codes="reached", progress=False)
     art = load_artifact(tmp_path / "sp")
     assert (art.index.matrix != index.matrix).nnz == 0
     np.testing.assert_array_equal(art.index.code_ids, index.code_ids)

@@ -56,11 +56,11 @@ def test_reproduce_matrix_from_the_repository_toml() -> None:
     for t in points:
         assert cfgs[t.key]["train"]["max_steps"] == steps
         assert all(o in t.overrides for o in cb["set"])
-    # with the main budget and no extra settings, the N=256, K_u=4 point is the seed-0 main run's config
+    # with the main budget and no extra settings, the N=64, K_u=4 point is the seed-0 main run's config
     raw = matrix.load_toml()
     raw["sweep"]["codebook"].update(max_steps=0, set=[])
     plan2 = expand("reproduce", raw=raw)
-    point = next(t for t in plan2.trains if dict(t.variant) == {"n_codewords": 256, "k_u": 4})
+    point = next(t for t in plan2.trains if dict(t.variant) == {"n_codewords": 64, "k_u": 4})
     main0 = next(t for t in plan2.trains if t.model == "sparcode" and not t.variant and t.seed == point.seed)
     assert load_config("sparcode", overrides=list(point.overrides)) == load_config(
         "sparcode", overrides=list(main0.overrides)

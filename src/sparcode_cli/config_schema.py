@@ -187,7 +187,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 class IndexOptions(Section):
     bias: float | None
     max_per_code: PositiveInt | None
-    codes: Literal["reached", "all"] | None
+    codes: Literal["auto", "reached", "all"] | None
     faiss: Literal["flat", "ivf", "hnsw"] | None
     nlist: PositiveInt | None
     nprobe: int = Field(ge=1)

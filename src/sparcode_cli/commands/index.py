@@ -24,9 +24,10 @@ def index(
     codes: str = typer.Option(
         None,
         "--codes",
-        metavar="reached|all",
+        metavar="auto|reached|all",
         show_default=False,
-        help="sparcode: build the codes training and validation users reach (default) or all N^M codes.",
+        help="sparcode: all N^M codes, the codes training and validation users reach, or auto (default: all "
+        "when the universe has at most 2^28 (code, item) pairs, else reached).",
     ),
     faiss: str = typer.Option(
         None,
