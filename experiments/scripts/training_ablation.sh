@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# SparCode training-objective ablation on movielens-100k (dnn, mlp), seeds 0-2: one command.
+# SparCode training ablation from the two-tower warm start on movielens-100k (dnn, mlp), seeds 0-2: one command.
 #   experiments/scripts/training_ablation.sh <home> <runs> <data mirror>   (e.g. ~/.cache/sparcode-abl runs-abl ../shared/data)
-# Prints the tables of experiments/results/movielens-100k-sparcode-training-ablation.md to stdout (~13 min on 2 cores).
+# Prints the tables of experiments/results/movielens-100k-sparcode-warm-start.md to stdout (~14 min on 2 cores).
 set -euo pipefail
 HOME_=${1:?sparcode home}; RUNS=${2:?runs folder}; MIRROR=${3:?data mirror}
 cd "$(dirname "$0")/../.."
