@@ -15,6 +15,7 @@ and, for `group_table`, `table` (the G x G relevance table).
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -183,3 +184,14 @@ def relevant_items(ds: Dataset, user: int) -> np.ndarray:
     if "table" in ds.meta:
         return np.flatnonzero((ig >= 0) & ds.meta["table"][ug][np.maximum(ig, 0)])
     return np.flatnonzero(ig == ug % int(ds.meta["n_item_groups"]))
+
+
+def write_csv(ds: Dataset, path: Path, *, timestamps: bool = True) -> Path:
+    """The dataset as user,item[,timestamp] rows (train, then valid and test targets, in order); without
+    timestamps the CSV is unordered data."""
+    lines = ["user,item,timestamp" if timestamps else "user,item"]
+    for u in range(1, ds.n_users + 1):
+        seq = np.concatenate([ds.train.row(u), ds.valid.targets.row(u - 1), ds.test.targets.row(u - 1)])
+        lines += [f"u{u},i{i},{t}" if timestamps else f"u{u},i{i}" for t, i in enumerate(seq.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -15,12 +13,7 @@ CTX = DataContext(n_items=30, n_genres=3, n_year_buckets=3, user_vocab=(3, 4, 5)
 L = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encoder(name: str, *extra: str) -> torch.nn.Module:

@@ -76,12 +76,7 @@ MODELS: dict[str, list[str]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_group_features(ds: Dataset) -> Dataset:

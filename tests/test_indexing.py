@@ -31,7 +31,7 @@ from sparcode_cli.retrieval.faiss_index import build_faiss_index, search
 from sparcode_cli.retrieval.sparse_index import CodeIndex, overlap_at_k, retrieve, topk_dense
 from sparcode_cli.training.trainer import train
 from tests.cli import exit_code
-from tests.synthetic import group_table
+from tests.synthetic import group_table, write_csv
 
 SMALL = [
     "model.dim=16",
@@ -56,16 +56,6 @@ SPARCODE = [
     "train.max_steps=120",  # past the quantizer's warm-up (quantize_after, 100 steps by default) ...
     "train.patience=0",  # ... which early stopping would cut short (validation recall is 0 until then)
 ]
-
-
-def write_csv(ds: Dataset, path: Path) -> Path:
-    """The synthetic dataset as user,item,timestamp rows (train, then valid and test targets, in order)."""
-    lines = ["user,item,timestamp"]
-    for u in range(1, ds.n_users + 1):
-        seq = np.concatenate([ds.train.row(u), ds.valid.targets.row(u - 1), ds.test.targets.row(u - 1)])
-        lines += [f"u{u},i{i},{t}" for t, i in enumerate(seq.tolist())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def quiet_train(ds: Dataset, model: str, overrides: list[str], out: Path) -> Path:

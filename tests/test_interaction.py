@@ -22,12 +22,7 @@ SMALL = ["model.dim=16", "model.emb_dim=16", "model.hidden=32", "model.max_histo
          "model.interaction_hidden=16"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(name: str, *extra: str) -> Any:

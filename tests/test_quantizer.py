@@ -3,20 +3,12 @@ eval-mode purity, code ids."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
 from sparcode_cli.models.quantizer import ProductQuantizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_code_id_tuple_round_trip() -> None:

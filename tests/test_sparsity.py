@@ -17,13 +17,7 @@ from tests.synthetic import group_table
 from tests.test_expressiveness import with_group_features
 from tests.test_interaction import SMALL, _queries
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(name: str, *extra: str) -> Any:

@@ -25,7 +25,7 @@ from sparcode_cli.models.two_tower import TwoTower
 from sparcode_cli.training.sampler import Sampler
 from sparcode_cli.training.trainer import TrainingDiverged, sampled_softmax_loss, train
 from tests.cli import exit_code
-from tests.synthetic import checkerboard
+from tests.synthetic import checkerboard, write_csv
 
 SMALL = [
     "model.dim=16",
@@ -265,15 +265,7 @@ def test_cli_gru4rec_on_unordered_data_is_one_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A CSV without timestamps is unordered: exit 2 and one line naming the encoder, nothing written."""
-    board = checkerboard()
-    lines = ["user,item"]
-    for u in range(1, board.n_users + 1):
-        seq = np.concatenate(
-            [board.train.row(u), board.valid.targets.row(u - 1), board.test.targets.row(u - 1)]
-        )
-        lines += [f"u{u},i{i}" for i in seq.tolist()]
-    csv = tmp_path / "board.csv"
-    csv.write_text("\n".join(lines) + "\n")
+    csv = write_csv(checkerboard(), tmp_path / "board.csv", timestamps=False)
     out = tmp_path / "runs"
     args = ["train", "--dataset", str(csv), "--model", "two-tower", "--out", str(out), "--no-progress"]
     args += [f"--set={s}" for s in SMALL] + ["--set", "model.query_encoder=gru4rec"]
@@ -363,15 +355,7 @@ _cli = exit_code
 
 @pytest.mark.e2e
 def test_cli_train_on_own_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    board = checkerboard()
-    lines = ["user,item,timestamp"]
-    for u in range(1, board.n_users + 1):
-        seq = np.concatenate(
-            [board.train.row(u), board.valid.targets.row(u - 1), board.test.targets.row(u - 1)]
-        )
-        lines += [f"u{u},i{i},{t}" for t, i in enumerate(seq.tolist())]
-    csv = tmp_path / "board.csv"
-    csv.write_text("\n".join(lines) + "\n")
+    csv = write_csv(checkerboard(), tmp_path / "board.csv")
     out = tmp_path / "runs"
     args = ["train", "--dataset", str(csv), "--model", "two-tower", "--out", str(out), "--no-progress"]
     args += [f"--set={s}" for s in SMALL] + ["--set", "train.epochs=2"]
