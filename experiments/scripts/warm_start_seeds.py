@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sparcode_cli.data.queries import training_queries
 from sparcode_cli.data.store import load_dataset
 from sparcode_cli.metrics import evaluate
 from sparcode_cli.paths import processed_root
@@ -56,7 +57,11 @@ def main() -> None:
             ds = load_dataset(processed_root() / sp.meta["data_hash"])
             ws = wf.warm_start(tt, sp, ds, over)
             res: dict[str, object] = {
-                "codes": int(torch.unique(ws.codes(wf.train_queries(ds, int(ws.cfg["max_history"])))).numel())
+                "codes": int(
+                    torch.unique(
+                        torch.cat([ws.codes(q) for q in training_queries(ds, int(ws.cfg["max_history"]))])
+                    ).numel()
+                )
             }
             for step, dens in (("2", 1.0), ("3", float(ws.target_density))):
                 m = wf.with_density(ws, dens)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from sparcode_cli.config import load_config
 from sparcode_cli.data.dataset import Dataset
-from sparcode_cli.data.queries import last_items, query_batch
+from sparcode_cli.data.queries import last_items, query_batch, training_queries
 from sparcode_cli.metrics import evaluate
 from sparcode_cli.models import attach_features, build_model, load_checkpoint, model_from_checkpoint
 from sparcode_cli.models.base import DataContext, QueryBatch
@@ -205,13 +205,6 @@ def load_data(data_hash: str, sample: int, seed: int) -> tuple[Dataset, dict[str
     return jobs.load(folder, sample, seed), meta
 
 
-def train_queries(ds: Dataset, max_history: int) -> QueryBatch:
-    """Every training user's query (last `max_history` training items and user features)."""
-    users = np.arange(1, ds.n_users + 1)
-    users = users[ds.train.lengths()[users] > 0]
-    return query_batch(last_items(ds.train, users, max_history), ds.features.user_feats[users])
-
-
 # -- models --------------------------------------------------------------------------------------------------
 class DenseSum(nn.Module):
     """sum_k g(z_k, i) of a SparCode model's user tokens over every item, no row normalisation and no cut:
@@ -248,7 +241,7 @@ def warm_start(tt: Run, sp: Run, ds: Dataset, overrides: dict[str, Any] | None =
     assert isinstance(m, SparCode)
     attach_features(m, ds.features)
     m.init_from_run(
-        load_checkpoint(tt.path / "checkpoint_best.pt"), train_queries(ds, int(cfg["max_history"]))
+        load_checkpoint(tt.path / "checkpoint_best.pt"), training_queries(ds, int(cfg["max_history"]))
     )
     m.n_steps.fill_(m.density_warmup)  # past the density warm-up
     return m.eval()
