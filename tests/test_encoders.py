@@ -9,7 +9,7 @@ from sparcode_cli.config import load_config
 from sparcode_cli.models.base import DataContext, QueryBatch
 from sparcode_cli.models.encoders import QUERY_ENCODERS, build_query_encoder, is_order_aware
 
-CTX = DataContext(n_items=30, n_genres=3, n_year_buckets=3, user_vocab=(3, 4, 5), max_genres=2)
+CTX = DataContext(n_items=30, n_genres=3, n_year_buckets=3, user_vocab=(3, 4, 5), max_genres=2, n_users=6)
 L = 8
 
 
@@ -89,3 +89,29 @@ def test_gru4rec_is_deterministic_in_eval_and_trains() -> None:
     out = enc(QueryBatch(torch.tensor(hist), torch.ones(2, 3, dtype=torch.long)))
     out.sum().backward()
     assert enc.gru.weight_hh_l0.grad is not None and enc.gru.weight_hh_l0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["dnn", "sasrec", "gru4rec"])
+def test_the_user_id_embedding_tells_users_with_the_same_history_apart(name: str) -> None:
+    hist = torch.tensor([left_pad([3, 7, 11])] * 3, dtype=torch.long)
+    feats = torch.tensor([[1, 2, 3]] * 3, dtype=torch.long)
+    users = torch.tensor([2, 5, 2])
+    with torch.no_grad():
+        plain = encoder(name)(QueryBatch(hist, feats, users))
+        with_id = encoder(name, "model.user_id=true")
+        out = with_id(QueryBatch(hist, feats, users))
+        unknown = with_id(QueryBatch(hist[:1], feats[:1], torch.tensor([0])))
+    torch.testing.assert_close(plain[0], plain[1])  # without the option, user ids are not read
+    assert not torch.allclose(out[0], out[1], atol=1e-5)
+    torch.testing.assert_close(out[0], out[2])
+    assert with_id.user.id_emb.weight.shape == (CTX.n_users + 1, 16)
+    torch.testing.assert_close(with_id.user.id_emb(torch.tensor([0])), torch.zeros(1, 16))
+    assert torch.isfinite(unknown).all()
+    with pytest.raises(ValueError, match="user ids"):
+        with_id(QueryBatch(hist, feats))
+
+
+def test_the_data_context_carries_the_user_count_and_reads_old_checkpoints() -> None:
+    assert DataContext.from_dict(CTX.to_dict()) == CTX
+    old = {k: v for k, v in CTX.to_dict().items() if k != "n_users"}
+    assert DataContext.from_dict(old).n_users == 0

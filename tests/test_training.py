@@ -82,6 +82,17 @@ def test_unordered_history_is_other_items_of_the_user() -> None:
     assert torch.equal(again.query.history, s.batch(0, 1).query.history)  # pure function of (epoch, batch)
 
 
+def test_every_sample_carries_its_user_id() -> None:
+    train_rows = Ragged.from_lists([[], [5, 6, 7], [9, 3], [4, 8, 2]])
+    for ordered in (True, False):
+        s = Sampler(train_rows, np.zeros((4, 3), np.int64), 10, ordered=ordered, max_history=2, batch_size=3)
+        for bi in range(s.batches_per_epoch()):
+            b = s.batch(0, bi)
+            assert b.query.users is not None
+            for p, u in zip(b.pos.tolist(), b.query.users.tolist(), strict=True):
+                assert p in train_rows.row(u)
+
+
 def test_negatives_and_logq() -> None:
     train_rows = Ragged.from_lists([[], [1, 2, 2, 2], [3, 1]])  # positives (t >= 1): 2, 2, 2, 1
     kw = dict(ordered=True, max_history=3, batch_size=4, n_negatives=6, seed=0)
@@ -406,3 +417,34 @@ def test_runs_of_other_code_are_stale_never_resumed_or_reused(
     assert moved.parent == tmp_path / "stale" and moved.name == f"{part.run_id}-{meta['code_digest']}"
     fresh = quiet_train(ds, cfg, tmp_path)
     assert fresh.run_id == part.run_id and trainer.run_state(fresh.run_dir) == "finished"
+
+
+def test_a_user_id_run_trains_evaluates_and_warm_starts_sparcode(ds: Any, tmp_path: Path) -> None:
+    from sparcode_cli.metrics import evaluate
+
+    res = quiet_train(ds, small_cfg("train.epochs=2", "model.user_id=true"), tmp_path / "tt")
+    ck = load_checkpoint(res.run_dir / "checkpoint_best.pt")
+    model = model_from_checkpoint(ck)
+    weight = model.query_encoder.user.id_emb.weight
+    assert weight.shape == (ds.n_users + 1, 16) and not torch.allclose(
+        weight[1:], torch.zeros_like(weight[1:])
+    )
+    again = evaluate(
+        model, ds, "test"
+    ).summary  # evaluation hands the model the same user ids as training did
+    assert again["recall@20"] == res.test["recall@20"] and again["ndcg@20"] == res.test["ndcg@20"]
+    sc = quiet_train(
+        ds,
+        small_cfg("train.epochs=1", "model.user_id=true", "model.token_dim=16", model="sparcode"),
+        tmp_path / "sc",
+        init_from=res.run_dir,
+    )
+    sc_weight = torch.load(sc.run_dir / "checkpoint_best.pt", weights_only=True)["state_dict"]
+    assert "query_encoder.user.id_emb.weight" in sc_weight
+    with pytest.raises(UserError, match=r"user_id = True, this model False"):
+        quiet_train(
+            ds,
+            small_cfg("train.epochs=1", "model.token_dim=16", model="sparcode"),
+            tmp_path / "x",
+            init_from=res.run_dir,
+        )

@@ -99,6 +99,7 @@ class EncoderConfig(ModelSection):
     sasrec_layers: int = Field(ge=1)
     sasrec_heads: int = Field(ge=1)
     gru_layers: int = Field(ge=1)
+    user_id: bool
 
     def cross_key_problems(self) -> list[str]:
         problems = super().cross_key_problems()

@@ -203,7 +203,9 @@ def exact_topk(
     with torch.inference_mode():
         for s in range(0, n, batch):
             rows = np.arange(s, min(s + batch, n), dtype=np.int64)
-            q = query_batch(last_items(history, rows, max_history), ds.features.user_feats[users[rows]])
+            q = query_batch(
+                last_items(history, rows, max_history), ds.features.user_feats[users[rows]], users[rows]
+            )
             scores = model.score_all(q)
             if not scores.is_contiguous():
                 scores = scores.contiguous()

@@ -168,7 +168,7 @@ def evaluate(
                 rows = np.arange(s, min(s + batch_size, n), dtype=np.int64)
                 users = es.users[rows]
                 hist = last_items(es.query, rows, max_history)
-                q = query_batch(hist, ds.features.user_feats[users].astype(np.int64)).to(device)
+                q = query_batch(hist, ds.features.user_feats[users].astype(np.int64), users).to(device)
                 scores = model.score_all(q)
                 if not scores.is_contiguous():  # e.g. an expanded view: the masking below writes into it
                     scores = scores.contiguous()

@@ -1,5 +1,5 @@
-"""Queries: what every model reads about a user (the last L history items, most recent last, and the user
-features). Built here for training (the sampler), the warm start, the index (reached codes), evaluation and
+"""Queries: what every model reads about a user (the last L history items, most recent last, the user
+features and the user id, which only a model with `user_id = true` reads). Built here for training (the sampler), the warm start, the index (reached codes), evaluation and
 serving alike, so every layer reads the same window of the same history."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from sparcode_cli.data.dataset import Dataset, Ragged
 class QueryBatch:
     history: Tensor  # (B, L) int64 item ids, left-padded with 0, most recent item last
     user_feats: Tensor  # (B, 3) int64: gender, age, occupation (0 = unknown)
+    users: Tensor | None = None  # (B,) int64 dense user ids (0 = unknown), for a user-id embedding
 
     def to(self, device: torch.device | str) -> QueryBatch:
-        return QueryBatch(self.history.to(device), self.user_feats.to(device))
+        users = None if self.users is None else self.users.to(device)
+        return QueryBatch(self.history.to(device), self.user_feats.to(device), users)
 
     def __len__(self) -> int:
         return self.history.shape[0]
@@ -42,10 +44,11 @@ def window(values: np.ndarray, start: np.ndarray, end: np.ndarray, length: int) 
     return np.where(ok, values[np.clip(idx, 0, len(values) - 1)], 0).astype(np.int64)
 
 
-def query_batch(history: np.ndarray, user_feats: np.ndarray) -> QueryBatch:
+def query_batch(history: np.ndarray, user_feats: np.ndarray, users: np.ndarray | None = None) -> QueryBatch:
     return QueryBatch(
         torch.from_numpy(np.ascontiguousarray(history)),
         torch.from_numpy(np.ascontiguousarray(user_feats, dtype=np.int64)),
+        None if users is None else torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64)),
     )
 
 
@@ -63,7 +66,7 @@ def history_queries(
     feats = ds.features.user_feats
     for s in range(0, len(users), batch):
         sl = slice(s, s + batch)
-        yield query_batch(last_items(history, rows[sl], max_history), feats[users[sl]])
+        yield query_batch(last_items(history, rows[sl], max_history), feats[users[sl]], users[sl])
 
 
 def training_users(ds: Dataset) -> np.ndarray:

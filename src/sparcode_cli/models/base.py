@@ -1,6 +1,7 @@
 """The one small interface every model implements; the trainer, the index builder and the evaluator use it.
 
-A query is a user's recent history (plus user features); there is no user-ID embedding, so unseen users work.
+A query is a user's recent history (plus user features); a user-ID embedding is optional (`user_id = true`):
+without it, unseen users work.
 Item id 0 is padding everywhere: `score_all` returns (B, n_items + 1) with column 0 set to -inf.
 """
 
@@ -38,6 +39,7 @@ class DataContext:
     n_year_buckets: int
     user_vocab: tuple[int, int, int]
     max_genres: int
+    n_users: int = 0  # user ids 1..n_users (sizes the optional user-ID embedding)
 
     @staticmethod
     def from_dataset(ds: Dataset) -> DataContext:
@@ -48,6 +50,7 @@ class DataContext:
             n_year_buckets=f.n_year_buckets,
             user_vocab=tuple(int(v) for v in f.user_vocab),  # type: ignore[arg-type]
             max_genres=int(f.item_genres.shape[1]),
+            n_users=ds.n_users,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +60,7 @@ class DataContext:
             "n_year_buckets": self.n_year_buckets,
             "user_vocab": list(self.user_vocab),
             "max_genres": self.max_genres,
+            "n_users": self.n_users,
         }
 
     @staticmethod
@@ -67,6 +71,7 @@ class DataContext:
             n_year_buckets=int(d["n_year_buckets"]),
             user_vocab=tuple(int(v) for v in d["user_vocab"]),  # type: ignore[arg-type]
             max_genres=int(d["max_genres"]),
+            n_users=int(d.get("n_users", 0)),  # checkpoints from before the user-ID option
         )
 
 

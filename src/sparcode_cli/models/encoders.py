@@ -2,7 +2,7 @@
 
 Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
 `hidden` (MLP hidden size), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"), `sasrec_layers`,
-`sasrec_heads`, `gru_layers`, `max_history` (L).
+`sasrec_heads`, `gru_layers`, `max_history` (L), `user_id` (a user-ID embedding in every query encoder).
 """
 
 from __future__ import annotations
@@ -62,22 +62,39 @@ class ItemEncoder(nn.Module):
 
 
 class UserFeatures(nn.Module):
-    """Embeddings of gender, age, occupation (0 = unknown), concatenated."""
+    """Embeddings of gender, age, occupation (0 = unknown), concatenated; with `user_id`, also a user-ID
+    embedding of size emb_dim (id 0, an unknown user, is the zero vector)."""
 
-    def __init__(self, ctx: DataContext, emb_dim: int) -> None:
+    def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
-        self.embs = nn.ModuleList(nn.Embedding(max(v, 1), emb_dim, padding_idx=0) for v in ctx.user_vocab)
-        self.out_dim = emb_dim * len(ctx.user_vocab)
+        e = int(cfg["emb_dim"])
+        feat_dim = max(e // 4, 4)
+        self.embs = nn.ModuleList(nn.Embedding(max(v, 1), feat_dim, padding_idx=0) for v in ctx.user_vocab)
+        self.out_dim = feat_dim * len(ctx.user_vocab)
+        self.id_emb: nn.Embedding | None = None
+        if bool(cfg.get("user_id", False)):
+            self.id_emb = nn.Embedding(ctx.n_users + 1, e, padding_idx=0)
+            nn.init.normal_(self.id_emb.weight, std=0.05)
+            with torch.no_grad():
+                self.id_emb.weight[0].zero_()
+            self.out_dim += e
 
-    def forward(self, feats: Tensor) -> Tensor:
-        return torch.cat([emb(feats[:, j]) for j, emb in enumerate(self.embs)], dim=-1)
+    def forward(self, q: QueryBatch) -> Tensor:
+        parts = [emb(q.user_feats[:, j]) for j, emb in enumerate(self.embs)]
+        if self.id_emb is not None:
+            if q.users is None:
+                raise ValueError("this model reads user ids (user_id = true) but the query has none")
+            parts.append(self.id_emb(q.users))
+        return torch.cat(parts, dim=-1)
 
 
 class DNNQueryEncoder(nn.Module):
     """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP."""
 
     order_aware = False
-    weight_keys: tuple[str, ...] = ()  # config keys (besides dim / emb_dim / hidden) that shape the weights
+    weight_keys: tuple[
+        str, ...
+    ] = ()  # config keys (besides dim / emb_dim / hidden / user_id) that shape weights
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
@@ -86,7 +103,7 @@ class DNNQueryEncoder(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.05)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
-        self.user = UserFeatures(ctx, max(e // 4, 4))
+        self.user = UserFeatures(cfg, ctx)
         self.mlp = mlp(
             [e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0))
         )
@@ -94,7 +111,7 @@ class DNNQueryEncoder(nn.Module):
     def forward(self, q: QueryBatch) -> Tensor:
         mask = (q.history > 0).float().unsqueeze(-1)
         h = (self.item_emb(q.history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.mlp(torch.cat([h, self.user(q.user_feats)], dim=-1))
+        return self.mlp(torch.cat([h, self.user(q)], dim=-1))
 
 
 class SASRecQueryEncoder(nn.Module):
@@ -124,7 +141,7 @@ class SASRecQueryEncoder(nn.Module):
             layer, int(cfg.get("sasrec_layers", 2)), enable_nested_tensor=False
         )
         self.norm = nn.LayerNorm(e)
-        self.user = UserFeatures(ctx, max(e // 4, 4))
+        self.user = UserFeatures(cfg, ctx)
         self.out = mlp(
             [e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0))
         )
@@ -142,7 +159,7 @@ class SASRecQueryEncoder(nn.Module):
         mask = mask.repeat_interleave(self.n_heads, dim=0)
         x = self.blocks(x, mask=mask)
         last = self.norm(x[:, -1])
-        return self.out(torch.cat([last, self.user(q.user_feats)], dim=-1))
+        return self.out(torch.cat([last, self.user(q)], dim=-1))
 
 
 class GRU4RecQueryEncoder(nn.Module):
@@ -171,7 +188,7 @@ class GRU4RecQueryEncoder(nn.Module):
         self.emb_dropout = nn.Dropout(dropout)
         # torch applies GRU dropout between layers only (and warns if it is set with one layer)
         self.gru = nn.GRU(e, e, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
-        self.user = UserFeatures(ctx, max(e // 4, 4))
+        self.user = UserFeatures(cfg, ctx)
         self.out = mlp([e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], dropout)
 
     def forward(self, q: QueryBatch) -> Tensor:
@@ -185,7 +202,7 @@ class GRU4RecQueryEncoder(nn.Module):
             x, n.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
         _, h_n = self.gru(packed)  # (layers, B, e), back in the batch's order
-        return self.out(torch.cat([h_n[-1], self.user(q.user_feats)], dim=-1))
+        return self.out(torch.cat([h_n[-1], self.user(q)], dim=-1))
 
 
 QUERY_ENCODERS: dict[str, type[nn.Module]] = {

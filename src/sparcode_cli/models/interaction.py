@@ -232,7 +232,7 @@ class TokenCross(Recommender):
         if isinstance(tt_cfg.get("model"), dict):  # a full resolved config: its [model] section
             tt_cfg = dict(tt_cfg["model"])
         weight_keys = getattr(QUERY_ENCODERS.get(str(self.cfg.get("query_encoder"))), "weight_keys", ())
-        for key in ("dim", "emb_dim", "hidden", "query_encoder", *weight_keys):
+        for key in ("dim", "emb_dim", "hidden", "query_encoder", "user_id", *weight_keys):
             if key in tt_cfg and str(tt_cfg[key]) != str(self.cfg.get(key)):
                 raise UserError(
                     f"--init-from: the two-tower run has {key} = {tt_cfg[key]!r}, this model {self.cfg.get(key)!r}",

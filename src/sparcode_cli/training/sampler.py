@@ -104,7 +104,7 @@ class Sampler:
         else:
             hist = self._random_others(p, rows, rng)
         neg, log_q = self._negatives(pos, rng)
-        q = query_batch(hist, self.user_feats[rows].astype(np.int64))
+        q = query_batch(hist, self.user_feats[rows].astype(np.int64), rows)
         return Batch(q, torch.from_numpy(pos), torch.from_numpy(neg), torch.from_numpy(log_q))
 
     def _random_others(self, p: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
