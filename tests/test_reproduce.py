@@ -96,6 +96,22 @@ def test_reproduce_full_adds_encoders_interactions_and_the_gowalla_sample() -> N
     assert steps[("gowalla", "sparcode")] == f"train.max_steps={plan.spec['max_steps']['sparcode']}"
 
 
+def test_dataset_set_reaches_that_datasets_runs_only() -> None:
+    raw = {
+        "m": {
+            "datasets": ["a", "b"],
+            "models": ["two-tower", "sparcode"],
+            "set": ["train.epochs=9"],
+            "dataset_set": {"a": {"two-tower": ["model.user_id=true", "train.lr=0.002"]}},
+        }
+    }
+    plan = expand("m", raw=raw)
+    ov = {(t.dataset, t.model): t.overrides for t in plan.trains}
+    assert ov[("a", "two-tower")][:3] == ("train.epochs=9", "model.user_id=true", "train.lr=0.002")
+    for key in (("b", "two-tower"), ("a", "sparcode"), ("b", "sparcode")):
+        assert not any("user_id" in o or "train.lr" in o for o in ov[key]), key
+
+
 def test_each_matrix_reports_into_its_own_folder() -> None:
     """reproduce-full's movielens.md must not overwrite `make reproduce`'s (the README's table)."""
     folders = {
@@ -129,6 +145,9 @@ def test_matrix_errors_name_the_bad_key() -> None:
     bad_budget = {"reproduce": {"datasets": ["x"], "dataset_max_steps": {"x": {"bert": 5}}}}
     with pytest.raises(UserError, match="dataset_max_steps.x"):
         expand("reproduce", raw=bad_budget)
+    for bad_set in ({"x": {"bert": ["train.lr=1"]}}, {"x": {"two-tower": "train.lr=1"}}):
+        with pytest.raises(UserError, match="dataset_set.x"):
+            expand("reproduce", raw={"reproduce": {"datasets": ["x"], "dataset_set": bad_set}})
     assert matrix.dataset_label("data/my file.csv") == "my file"
     assert matrix.dataset_label("movielens-1m") == "movielens-1m"
 

@@ -51,6 +51,7 @@ MATRIX_KEYS = {
     "model_set",
     "max_steps",
     "dataset_max_steps",
+    "dataset_set",
     "eval_users",
     "results",
 }
@@ -217,6 +218,14 @@ def expand(
     common = [str(s) for s in _list(spec, "set", matrix)]
     model_set = {str(k): [str(x) for x in v] for k, v in dict(spec.get("model_set", {})).items()}
     _check(list(model_set), MODELS, "model in model_set")
+    # per-dataset --set lists on top of set and model_set, e.g. one dataset's training recipe
+    ds_sets: dict[str, dict[str, list[str]]] = {}
+    for ds_name, table in dict(spec.get("dataset_set", {})).items():
+        if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+            raise UserError(f"{matrix}.dataset_set.{ds_name} must be a table of model = [--set values]")
+        _check(list(table), MODELS, f"model in dataset_set.{ds_name}")
+        ds_sets[str(ds_name)] = {str(k): [str(x) for x in v] for k, v in table.items()}
+    spec["dataset_set"] = ds_sets
     warm = bool(spec.get("warm_start", True))
     spec["eval_users"] = {str(k): int(v) for k, v in dict(spec.get("eval_users", {})).items()}
     sweeps = {name: {**SWEEP_DEFAULTS[name], **raw.get("sweep", {}).get(name, {})} for name in SWEEPS}
@@ -235,7 +244,13 @@ def expand(
         steps: int | None = None,
         extra: tuple[str, ...] = (),
     ) -> TrainSpec:
-        ov = [*common, *model_set.get(model, []), *extra, f"train.seed={seed}"]
+        ov = [
+            *common,
+            *model_set.get(model, []),
+            *ds_sets.get(dataset, {}).get(model, []),
+            *extra,
+            f"train.seed={seed}",
+        ]
         budget = steps if steps else {**budgets, **ds_budgets.get(dataset, {})}.get(model, 0)
         if budget and model != "popularity":
             ov.append(f"train.max_steps={budget}")

@@ -589,6 +589,11 @@ def write_report(
     L.append("")
     steps = {**(info.get("max_steps") or {}), **(info.get("dataset_max_steps") or {}).get(dataset, {})}
     budgets = ", ".join(f"{k} {v}" for k, v in steps.items())
+    recipe = (info.get("dataset_set") or {}).get(dataset, {})
+    recipe_text = "".join(
+        f"; {model} also runs with `{' '.join('--set ' + o for o in sets)}` here"
+        for model, sets in recipe.items()
+    )
     L.append(
         f"Protocol: split `{split}`, {n_users if n_users is not None else '?'} evaluated users"
         + (
@@ -597,7 +602,7 @@ def write_report(
             else ""
         )
         + f"; full ranking over all items with every history item masked; seeds {seeds}; a fixed sample budget per "
-        f"run (train.max_steps at batch 512: {budgets}; sparcode and all-to-all start from the same-seed two-tower run"
+        f"run (train.max_steps at the config's batch size, 512 unless set: {budgets}{recipe_text}; sparcode and all-to-all start from the same-seed two-tower run"
         f"{'' if plan.spec.get('warm_start', True) else ' — off here'}, and their train time includes that run's); "
         f"early stopping on validation Recall@20 keeps the best checkpoint. Training: {plan.settings['jobs']} "
         f"parallel runs x {plan.settings['train_threads']} torch thread(s). Evaluation: alone, QPS = batch queries "

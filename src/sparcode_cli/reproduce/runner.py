@@ -365,6 +365,7 @@ def _run_plan(plan: Plan, mirror: str | None, console: Console, report_only: boo
             "settings": plan.settings,
             "max_steps": plan.spec.get("max_steps", {}),
             "dataset_max_steps": plan.spec.get("dataset_max_steps", {}),
+            "dataset_set": plan.spec.get("dataset_set", {}),
             "seeds": plan.spec.get("seeds", []),
             "report_only": report_only,
             "git_commit": git_commit(),
