@@ -1,64 +1,44 @@
-"""SparCode (Su et al., SIGIR 2023): score(u, i) = sum_k ReLU(g(ẑ_k, t(i)) + b), retrievable from a sparse
-code -> item index (DESIGN §2 steps 1-5).
+"""SparCode (Su et al., SIGIR 2023): a user's score for item i is a sum of K_u rows of one fixed code x item
+table, so it is retrievable from a sparse code -> item index (DESIGN §2 steps 1-5).
 
-    E_q(q) -> K_u linear heads -> z_1..z_{K_u} in R^D -> product quantizer -> ẑ_k (a code id each)
+    E_q(q) -> K_u linear heads -> z_1..z_{K_u} in R^D -> quantizer -> ẑ_k (a code id each)
     E_i(i) -> K_i linear heads -> t_1..t_{K_i}  in R^D
     g(ẑ, t(i)) = sum_j <ẑ, t_j>/tau + h(ẑ, t(i))           (models/interaction.py, shared with all-to-all)
+    score(u, i) = sum_k ReLU(g~(ẑ_k, i) - theta_{ẑ_k} + b)       (g~: g standardised over items, below)
 
-Because g sees the user only through the code id, ReLU(g(code, i) + b) is a fixed (n_codes, n_items) table:
-`score_codes` computes its rows (what `sparcode index` stores), `score_all` adds a user's K_u rows (exact
-model scoring, bit for bit what a canonical sparse `Q @ index` product gives). A score of exactly 0 means "not
-retrieved".
+Quantizer (models/quantizer.py): `quantizer = "residual"` (M stages over the whole token, ẑ the sum) or
+"product" (M chunks of D/M); M codebooks of `n_codewords` N give N^M code ids. Codebooks follow EMAs of
+their assignments, not the optimiser; the commitment loss pulls tokens toward them.
 
-Row centring: the score of a (code, item) pair is ReLU(g~ + b) with g~ = g - mean_c, the code's row centred
-over items (in the index: the mean over every item; in training: over the batch's uniform probe items, with
-gradient through the mean, like a LayerNorm over items without the scale; `row_norm = "standard"` also divides
-by the row's std). Without it the softmax raised g without end: each raise of a positive above the cut gains
-against negatives clamped at 0, so the rows raced upward, the controller lagged (density 0.17 for a 0.05
-target) or, with g bounded, the tops saturated into ties, and MovieLens Recall@20 fell to ~0.05. Centred, a
-code can lift some items only by lowering others. (With the global cut "standard" trained worse, 0.074 vs 0.080 test
-Recall@20 on MovieLens; with the row cut it is the default: 0.0958 vs 0.0413 for "center", whose codes
-collapsed to 113 tuples.)
-
-The cut, `cut = "row"` (default): every code row keeps its own best `target_density` of items: score =
-ReLU(g~ - theta_c + b), theta_c the row's (1 - density) quantile (in training over the batch's uniform probe
-items, detached; in the index over every item, exactly), b = 0 unless `sparcode index --bias` shifts every
-row's cut by the same amount (in std units with row_norm "standard"). Every row is non-empty and the index
-density is the target by construction. It replaced the single global b of `cut = "global"` (below), which
-the rows' growing spread defeated: at 5% density 60-97% of code rows ended empty and 35-90% of MovieLens
-test users got fewer than 20 items (experiments/results/movielens-sparcode-ablation.md). During the density
-warm-up the row density follows the falling target (buffer `row_density`), and checkpoints are selected only
-once it has reached the final target (`selectable`), so a denser early model never wins the selection.
-
-Global sparsity bias b (`cut = "global"`; a buffer, not a parameter: the loss never moves it). Each training batch measures rho_hat,
-the fraction of positive g~ + b over its codes x `density_items` items drawn uniformly, and b_batch, the bias
-that would have given exactly the current target there (a quantile of g~). Uniform items, because the index
-density counts every item alike (measured on the shared negatives, half of them in-batch, i.e. popular, a
-5% target gave a 0.5% index). After every optimiser step b <- b + bias_lr * (b_batch - b). Since
-b_batch - b ~= -(rho_hat - target) / p(-b), p the density of g~ at the cut, this is the proportional
-controller b <- b - eta (rho_hat - target) with its gain set by the measured slope (a Newton step). b starts
-at the first batch's b_batch. Training starts dense (both cuts): the target falls log-linearly from 1 to target_density
-over `density_warmup` steps, so the cross network first learns like all-to-all and the cut then removes the
-lowest pairs (cut from the first step, with g still nearly flat over items, a small model did not learn).
-
-Quantizer warm-up: for the first `quantize_after` optimiser steps the tokens go to g unquantized (as in
-all-to-all), and the codebooks are then initialised by k-means of that step's tokens. Started from the first
-batch instead, k-means sees the near-identical tokens of an untrained encoder; as the users spread out they
-all fall on a few border codewords, and the rest stay dead until restarted (hundreds of steps at decay 0.99).
-After `init_from_run` (two-tower warm start) the tokens are trained already: quantization starts at step 0.
+The cut. Each code's row of g is standardised over items, g~ = (g - mean_c) / std_c (a LayerNorm over items
+without the affine part: a code can lift some items only by lowering others), and cut at theta_c, the row's
+(1 - density) quantile: every row keeps its own best `target_density` of items, none is empty, and the
+index density is the target by construction. In training the statistics are taken over `density_items`
+uniform probe items per batch (gradient through mean and std, theta detached), in the index over every
+item. b = 0 unless `sparcode index --bias` shifts every row's cut by the same amount (in std units).
 
 Training logits: the forward pass is the exact ReLU (what is zero in training is absent from the index),
-times a learned softmax scale (`logit_scale`, log-parametrised, clamped at 100), which changes no ranking and
-is not stored in the index. For the positives only, the backward pass leaks with slope `leak` annealed
-linearly to 0 over `leak_steps` steps, so a positive below the cut still gets a gradient. `aux_loss` =
-commitment loss + optional L1 `l1` x mean(ReLU(g~ + b)) over the negatives. (A dense auxiliary softmax on the
-uncut rows against uniform items was removed: it lost its ablation, experiments/results/
-movielens-100k-sparcode-warm-start.md.)
+summed over the K_u codes and times a learned softmax scale (`logit_scale`, log-parametrised, clamped at
+100; it changes no ranking and is not stored). For the positives only, the backward pass leaks with slope
+`leak` below the cut, annealed linearly to 0 over `leak_steps` steps. `aux_loss` = the commitment loss.
 
-Warm start (`init_from_run`, what `make reproduce` does): the two-tower's encoders, token heads = identity +
-noise, h = 0, codebooks by k-means of every training user's tokens, and the density warm-up skipped (the rows
-rank items already, so they are cut at the target from the first step). The trainer validates this start at
-epoch 0 and keeps it as the best checkpoint unless a trained epoch does better on validation.
+From scratch, the density target falls log-linearly from 1 to `target_density` over `density_warmup` steps
+(buffer `row_density`), and checkpoints are selectable only once it is at the target (`selectable`); the
+tokens reach g unquantized for the first `quantize_after` steps, then the codebooks are k-means of that
+step's tokens.
+
+Warm start (`init_from_run`, what `make reproduce` does) from a two-tower run: its encoders, token heads =
+identity + `head_noise` x their init, h = 0 (`zero_cross`), codebooks by k-means of every training user's
+tokens, quantized and cut at the target from step 0. The trainer validates this start at epoch 0 and keeps
+it as the best checkpoint unless a trained epoch does better on validation.
+
+Serving: g sees the user only through its code ids, so the scores form a fixed (n_codes, n_items + 1)
+table. `score_codes` computes its rows (what `sparcode index` stores); `score_all` adds a user's K_u rows
+in the order a canonical CSR `Q @ index` product does, so the index gives exact model scores bit for bit.
+A score of exactly 0 means "not retrieved".
+
+Why the model has this form (the alternatives and their measurements): experiments/results/
+sparcode-design-history.md.
 """
 
 from __future__ import annotations
