@@ -143,7 +143,7 @@ def main() -> None:
     with torch.inference_mode():
         z = torch.zeros(4, 8)
         g = fused_table.split_mlp_table(z, torch.zeros(16, 2, 8), torch.zeros(8), z, torch.zeros(16, 8), 1.0)
-        fused_table.row_cut(torch.cat([g, g], 1), 0.5, 0.0, True, 1e-6)
+        fused_table.row_cut(torch.cat([g, g], 1), 0.5, 0.0, 1e-6)
 
     records: list[dict] = []
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:

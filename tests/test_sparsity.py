@@ -1,4 +1,5 @@
-"""SparCode's sparsity: ReLU(g + b), the bias controller, the leaky backward for positives."""
+"""SparCode's sparsity: every code row cut at its own quantile (+ b), the density warm-up, the leaky backward for
+positives."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from sparcode_cli.config import load_config
-from sparcode_cli.models import attach_features, build_model
+from sparcode_cli.errors import UserError
+from sparcode_cli.models import attach_features, build_model, model_from_checkpoint
 from sparcode_cli.models.base import DataContext
 from sparcode_cli.models.sparcode import leaky_cut
 from sparcode_cli.training.sampler import Sampler
@@ -31,7 +33,6 @@ def small_model(name: str, *extra: str) -> Any:
 
 
 EXTRA = ("model.density_warmup=0", "model.n_codewords=8", "model.target_density=0.1", "model.leak=0.1")
-GLOBAL = (*EXTRA, "model.cut=global", "model.row_norm=center")  # one controlled bias b for every code
 
 
 def _sampler(ds: Any) -> Sampler:
@@ -39,12 +40,12 @@ def _sampler(ds: Any) -> Sampler:
                    negatives="uniform", n_negatives=64)  # fmt: skip
 
 
-def _steps(model: Any, ds: Any, n: int, opt: Any, start: int = 0) -> list[float]:
+def _steps(model: Any, ds: Any, n: int, opt: Any) -> list[float]:
     """Train n steps with the sampled softmax; the measured batch density of each step."""
     s = _sampler(ds)
     model.train()
     dens = []
-    for i in range(start, start + n):
+    for i in range(n):
         b = s.batch(i // s.batches_per_epoch(), i % s.batches_per_epoch())
         out = model.train_output(b.query, b.pos, b.neg)
         logits = torch.cat([out.pos_logits[:, None], out.neg_logits], 1)
@@ -67,33 +68,6 @@ def test_a_very_negative_bias_makes_every_score_zero() -> None:
     assert (s[:, 1:] == 0).all() and torch.isinf(s[:, 0]).all()
     assert (rows == 0).all()
     assert model.probe_density() == 0.0
-
-
-def test_density_falls_as_the_bias_falls() -> None:
-    model, ds = small_model("sparcode", *GLOBAL)
-    dens = []
-    for b in np.linspace(50, -50, 51):
-        model.bias.fill_(float(b))
-        dens.append(model.probe_density())
-    assert dens[0] == 1.0 and dens[-1] == 0.0 and len(set(dens)) > 5
-    assert all(a >= b for a, b in zip(dens, dens[1:], strict=False)), dens
-
-
-def test_controller_moves_density_to_the_target() -> None:
-    model, ds = small_model("sparcode", *GLOBAL)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.003)
-    first = _steps(model, ds, 30, opt)  # the bias starts at the first batch's quantile
-    assert abs(first[0] - 0.1) < 0.02
-    for shift, start in ((+50.0, 30), (-50.0, 70)):  # knocked far off in either direction ...
-        model.bias += shift
-        dens = _steps(model, ds, 40, opt, start)
-        assert abs(dens[0] - 0.1) >= 0.09  # (far off indeed: all or nothing)
-        assert abs(np.mean(dens[-10:]) - 0.1) < 0.04, dens  # ... it comes back
-    assert not model.bias.requires_grad  # a buffer: the loss never moves b
-    stats = model.epoch_stats()
-    for key in ("codes_in_use", "perplexity", "distinct_tuples", "restarts", "bias", "probe_density"):
-        assert key in stats
-    assert abs(stats["train_density"] - 0.1) < 0.1
 
 
 def test_density_warmup_starts_dense() -> None:
@@ -126,12 +100,17 @@ def test_leak_anneals_to_zero() -> None:
 
 
 def test_row_cut_keeps_each_rows_best_share() -> None:
-    """cut = "row": every code row holds exactly round(density x n_items) items, its best ones by g~."""
+    """Every code row holds exactly round(density x n_items) items, its best ones by g~."""
     model, ds = small_model("sparcode", *EXTRA)
     opt = torch.optim.AdamW(model.parameters(), lr=0.003)
     dens = _steps(model, ds, 20, opt)
     assert all(abs(d - 0.1) < 0.03 for d in dens), dens
     assert model.bias == 0 and float(model.row_density) == pytest.approx(0.1)
+    assert not model.bias.requires_grad  # a buffer: the loss never moves b
+    stats = model.epoch_stats()
+    for key in ("codes_in_use", "perplexity", "distinct_tuples", "restarts", "bias", "row_density"):
+        assert key in stats
+    assert stats["train_density"] == pytest.approx(0.1, abs=0.03) and stats["probe_density"] > 0
     model.eval()
     keep = round(0.1 * ds.n_items)
     with torch.inference_mode():
@@ -162,3 +141,33 @@ def test_selection_waits_for_the_density_warmup() -> None:
     assert not model.selectable()
     model.n_steps.fill_(100)
     assert model.selectable()
+
+
+@pytest.mark.parametrize(
+    ("old_keys", "loads"),
+    [
+        ({"cut": "row", "row_norm": "standard"}, True),  # the cut there is now
+        ({"cut": "global", "row_norm": "center"}, False),
+        ({"cut": "row", "row_norm": "center"}, False),
+        ({}, False),  # from before either key: the global cut of centred rows
+    ],
+)
+def test_a_checkpoint_saved_while_cut_and_row_norm_existed(old_keys: dict[str, str], loads: bool) -> None:
+    """It carries the global cut's flag `bias_initted`: loaded (same scores) if it used the per-row cut of
+    standardised rows, else refused with a UserError (exit code 2), never scored with another cut."""
+    model, _ = small_model("sparcode", *EXTRA)
+    model.eval()
+    ckpt = {
+        "model": "sparcode",
+        "config": {"model": {**model.cfg, **old_keys}},
+        "ctx": model.ctx.to_dict(),
+        "state_dict": {**model.state_dict(), "bias_initted": torch.tensor(True)},
+    }
+    if not loads:
+        with pytest.raises(UserError, match=r"model\.cut = .* model\.row_norm = "):
+            model_from_checkpoint(ckpt)
+        return
+    loaded = model_from_checkpoint(ckpt)
+    codes = torch.arange(model.n_codes)
+    with torch.inference_mode():
+        assert torch.equal(loaded.score_codes(codes), model.score_codes(codes))

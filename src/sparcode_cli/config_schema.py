@@ -147,12 +147,8 @@ class SparCodeConfig(TokenCrossConfig):
     target_density: float = Field(gt=0, le=1)
     density_warmup: int = Field(ge=0)
     density_items: int = Field(ge=2)  # a row's std over the probe items needs two of them
-    row_norm: Literal["standard", "center"]
-    cut: Literal["row", "global"]
-    bias_lr: float = Field(ge=0, le=1)  # a controller gain: above 1 it overshoots
     leak: float = Field(ge=0, le=1)  # a backward slope below the cut, at most the slope above it
     leak_steps: int = Field(ge=0)
-    l1: float = Field(ge=0)
     logit_scale: float = Field(gt=0, le=100)  # the learned scale is clamped at 100
 
     def cross_key_problems(self) -> list[str]:

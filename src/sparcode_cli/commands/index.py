@@ -16,7 +16,8 @@ def index(
         None,
         "--bias",
         show_default=False,
-        help="sparcode: override the trained sparsity bias b (sweep sparsity).",
+        help="sparcode: shift every code row's cut by b, in the row's std units (trained: 0; > 0 keeps more "
+        "items, < 0 fewer; sweep sparsity).",
     ),
     max_per_code: int = typer.Option(
         None, "--max-per-code", show_default=False, help="sparcode: keep only each code's best M items."

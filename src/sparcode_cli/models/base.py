@@ -92,7 +92,7 @@ class Recommender(nn.Module):
         raise NotImplementedError
 
     def after_step(self) -> None:
-        """Called after each optimiser step (controllers, e.g. SparCode's sparsity bias)."""
+        """Called after each optimiser step (schedules, e.g. SparCode's density target)."""
 
     def selectable(self) -> bool:
         """Whether a validation result now may select the best checkpoint (SparCode: not during the density

@@ -10,11 +10,10 @@ depend on its position in the group, i.e. on how the caller chunks codes.)
 
 `row_cut`: SparCode's per-code cut of a table in place, ReLU((g - theta_c) / s_c + b): theta_c the row's
 (1 - density) quantile over items 1..n (exact: a strided sample bounds it from below, and only the
-values above the bound, ~2x the kept ones, are partitioned), s_c the row's std (row_norm
-"standard") or 1 ("center"). This is ReLU(g~ - theta~_c + b) of `SparCode.score_codes` with
-g~ = (g - mean) / s: standardisation is monotone within a row, so the quantile commutes with it and the mean
-cancels; one read of the row for the std, one selection, one write, instead of torch's mean, std, kthvalue
-and ReLU passes.
+values above the bound, ~2x the kept ones, are partitioned), s_c the row's std. This is
+ReLU(g~ - theta~_c + b) of `SparCode.score_codes` with g~ = (g - mean) / s: standardisation is monotone within
+a row, so the quantile commutes with it and the mean cancels; one read of the row for the std, one selection,
+one write, instead of torch's mean, std, kthvalue and ReLU passes.
 
 Every output element (and every row's threshold) is computed by one thread in a fixed order, so values do
 not depend on how codes are chunked or on the thread count. Used only without autograd (training keeps the
@@ -113,22 +112,20 @@ def _cut_value(row: np.ndarray, keep: int) -> float:  # pragma: no cover
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
-def _row_cut(g: np.ndarray, keep: int, bias: float, standard: bool, eps: float) -> None:  # pragma: no cover
+def _row_cut(g: np.ndarray, keep: int, bias: float, eps: float) -> None:  # pragma: no cover
     n_rows, n_cols = g.shape
     n = n_cols - 1  # column 0 is the padding item: outside every statistic, 0 in the output
     for r in numba.prange(n_rows):
         row = g[r, 1:]
-        s = 1.0
-        if standard:
-            mean = 0.0
-            for i in range(n):
-                mean += row[i]
-            mean /= n
-            ss = 0.0
-            for i in range(n):
-                dv = row[i] - mean
-                ss += dv * dv
-            s = np.sqrt(ss / max(n - 1, 1)) + eps
+        mean = 0.0
+        for i in range(n):
+            mean += row[i]
+        mean /= n
+        ss = 0.0
+        for i in range(n):
+            dv = row[i] - mean
+            ss += dv * dv
+        s = np.sqrt(ss / max(n - 1, 1)) + eps
         # every item kept: the threshold one unit (of the row's scale) below the row's minimum
         theta = row.min() - s if keep >= n else _cut_value(row, keep)
         g[r, 0] = 0.0
@@ -137,13 +134,13 @@ def _row_cut(g: np.ndarray, keep: int, bias: float, standard: bool, eps: float) 
             row[i] = v if v > 0.0 else 0.0
 
 
-def row_cut(g: Tensor, density: float, bias: float, standard: bool, eps: float) -> Tensor:
-    """In place on a CPU float32 (codes, n_items + 1) table: every row cut to its best round(density x n)
-    items (at least 1), ReLU((g - theta) / s + bias), column 0 set to 0. Returns g."""
+def row_cut(g: Tensor, density: float, bias: float, eps: float) -> Tensor:
+    """In place on a CPU float32 (codes, n_items + 1) table: every row standardised and cut to its best
+    round(density x n) items (at least 1), ReLU((g - theta) / s + bias), column 0 set to 0. Returns g."""
     n = g.shape[1] - 1
     keep = max(1, round(density * n))
     _threads()
-    _row_cut(g.numpy(), keep, float(bias), bool(standard), float(eps))
+    _row_cut(g.numpy(), keep, float(bias), float(eps))
     return g
 
 

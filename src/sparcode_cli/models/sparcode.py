@@ -1,76 +1,57 @@
-"""SparCode (Su et al., SIGIR 2023): score(u, i) = sum_k ReLU(g(ẑ_k, t(i)) + b), retrievable from a sparse
-code -> item index (DESIGN §2 steps 1-5).
+"""SparCode (Su et al., SIGIR 2023): a user's score for item i is a sum of K_u rows of one fixed code x item
+table, so it is retrievable from a sparse code -> item index (DESIGN §2 steps 1-5).
 
-    E_q(q) -> K_u linear heads -> z_1..z_{K_u} in R^D -> product quantizer -> ẑ_k (a code id each)
+    E_q(q) -> K_u linear heads -> z_1..z_{K_u} in R^D -> quantizer -> ẑ_k (a code id each)
     E_i(i) -> K_i linear heads -> t_1..t_{K_i}  in R^D
     g(ẑ, t(i)) = sum_j <ẑ, t_j>/tau + h(ẑ, t(i))           (models/interaction.py, shared with all-to-all)
+    score(u, i) = sum_k ReLU(g~(ẑ_k, i) - theta_{ẑ_k} + b)       (g~: g standardised over items, below)
 
-Because g sees the user only through the code id, ReLU(g(code, i) + b) is a fixed (n_codes, n_items) table:
-`score_codes` computes its rows (what `sparcode index` stores), `score_all` adds a user's K_u rows (exact
-model scoring, bit for bit what a canonical sparse `Q @ index` product gives). A score of exactly 0 means "not
-retrieved".
+Quantizer (models/quantizer.py): `quantizer = "residual"` (M stages over the whole token, ẑ the sum) or
+"product" (M chunks of D/M); M codebooks of `n_codewords` N give N^M code ids. Codebooks follow EMAs of
+their assignments, not the optimiser; the commitment loss pulls tokens toward them.
 
-Row centring: the score of a (code, item) pair is ReLU(g~ + b) with g~ = g - mean_c, the code's row centred
-over items (in the index: the mean over every item; in training: over the batch's uniform probe items, with
-gradient through the mean, like a LayerNorm over items without the scale; `row_norm = "standard"` also divides
-by the row's std). Without it the softmax raised g without end: each raise of a positive above the cut gains
-against negatives clamped at 0, so the rows raced upward, the controller lagged (density 0.17 for a 0.05
-target) or, with g bounded, the tops saturated into ties, and MovieLens Recall@20 fell to ~0.05. Centred, a
-code can lift some items only by lowering others. (With the global cut "standard" trained worse, 0.074 vs 0.080 test
-Recall@20 on MovieLens; with the row cut it is the default: 0.0958 vs 0.0413 for "center", whose codes
-collapsed to 113 tuples.)
-
-The cut, `cut = "row"` (default): every code row keeps its own best `target_density` of items: score =
-ReLU(g~ - theta_c + b), theta_c the row's (1 - density) quantile (in training over the batch's uniform probe
-items, detached; in the index over every item, exactly), b = 0 unless `sparcode index --bias` shifts every
-row's cut by the same amount (in std units with row_norm "standard"). Every row is non-empty and the index
-density is the target by construction. It replaced the single global b of `cut = "global"` (below), which
-the rows' growing spread defeated: at 5% density 60-97% of code rows ended empty and 35-90% of MovieLens
-test users got fewer than 20 items (experiments/results/movielens-sparcode-ablation.md). During the density
-warm-up the row density follows the falling target (buffer `row_density`), and checkpoints are selected only
-once it has reached the final target (`selectable`), so a denser early model never wins the selection.
-
-Global sparsity bias b (`cut = "global"`; a buffer, not a parameter: the loss never moves it). Each training batch measures rho_hat,
-the fraction of positive g~ + b over its codes x `density_items` items drawn uniformly, and b_batch, the bias
-that would have given exactly the current target there (a quantile of g~). Uniform items, because the index
-density counts every item alike (measured on the shared negatives, half of them in-batch, i.e. popular, a
-5% target gave a 0.5% index). After every optimiser step b <- b + bias_lr * (b_batch - b). Since
-b_batch - b ~= -(rho_hat - target) / p(-b), p the density of g~ at the cut, this is the proportional
-controller b <- b - eta (rho_hat - target) with its gain set by the measured slope (a Newton step). b starts
-at the first batch's b_batch. Training starts dense (both cuts): the target falls log-linearly from 1 to target_density
-over `density_warmup` steps, so the cross network first learns like all-to-all and the cut then removes the
-lowest pairs (cut from the first step, with g still nearly flat over items, a small model did not learn).
-
-Quantizer warm-up: for the first `quantize_after` optimiser steps the tokens go to g unquantized (as in
-all-to-all), and the codebooks are then initialised by k-means of that step's tokens. Started from the first
-batch instead, k-means sees the near-identical tokens of an untrained encoder; as the users spread out they
-all fall on a few border codewords, and the rest stay dead until restarted (hundreds of steps at decay 0.99).
-After `init_from_run` (two-tower warm start) the tokens are trained already: quantization starts at step 0.
+The cut. Each code's row of g is standardised over items, g~ = (g - mean_c) / std_c (a LayerNorm over items
+without the affine part: a code can lift some items only by lowering others), and cut at theta_c, the row's
+(1 - density) quantile: every row keeps its own best `target_density` of items, none is empty, and the
+index density is the target by construction. In training the statistics are taken over `density_items`
+uniform probe items per batch (gradient through mean and std, theta detached), in the index over every
+item. b = 0 unless `sparcode index --bias` shifts every row's cut by the same amount (in std units).
 
 Training logits: the forward pass is the exact ReLU (what is zero in training is absent from the index),
-times a learned softmax scale (`logit_scale`, log-parametrised, clamped at 100), which changes no ranking and
-is not stored in the index. For the positives only, the backward pass leaks with slope `leak` annealed
-linearly to 0 over `leak_steps` steps, so a positive below the cut still gets a gradient. `aux_loss` =
-commitment loss + optional L1 `l1` x mean(ReLU(g~ + b)) over the negatives. (A dense auxiliary softmax on the
-uncut rows against uniform items was removed: it lost its ablation, experiments/results/
-movielens-100k-sparcode-warm-start.md.)
+summed over the K_u codes and times a learned softmax scale (`logit_scale`, log-parametrised, clamped at
+100; it changes no ranking and is not stored). For the positives only, the backward pass leaks with slope
+`leak` below the cut, annealed linearly to 0 over `leak_steps` steps. `aux_loss` = the commitment loss.
 
-Warm start (`init_from_run`, what `make reproduce` does): the two-tower's encoders, token heads = identity +
-noise, h = 0, codebooks by k-means of every training user's tokens, and the density warm-up skipped (the rows
-rank items already, so they are cut at the target from the first step). The trainer validates this start at
-epoch 0 and keeps it as the best checkpoint unless a trained epoch does better on validation.
+From scratch, the density target falls log-linearly from 1 to `target_density` over `density_warmup` steps
+(buffer `row_density`), and checkpoints are selectable only once it is at the target (`selectable`); the
+tokens reach g unquantized for the first `quantize_after` steps, then the codebooks are k-means of that
+step's tokens.
+
+Warm start (`init_from_run`, what `make reproduce` does) from a two-tower run: its encoders, token heads =
+identity + `head_noise` x their init, h = 0 (`zero_cross`), codebooks by k-means of every training user's
+tokens, quantized and cut at the target from step 0. The trainer validates this start at epoch 0 and keeps
+it as the best checkpoint unless a trained epoch does better on validation.
+
+Serving: g sees the user only through its code ids, so the scores form a fixed (n_codes, n_items + 1)
+table. `score_codes` computes its rows (what `sparcode index` stores); `score_all` adds a user's K_u rows
+in the order a canonical CSR `Q @ index` product does, so the index gives exact model scores bit for bit.
+A score of exactly 0 means "not retrieved".
+
+Why the model has this form (the alternatives and their measurements): experiments/results/
+sparcode-design-history.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparcode_cli.errors import UserError
 from sparcode_cli.models import fused_table
 from sparcode_cli.models.base import DataContext, QueryBatch, TrainOutput
 from sparcode_cli.models.interaction import CodeSide, TokenCross
@@ -123,24 +104,16 @@ class SparCode(TokenCross):
         self.target_density = float(cfg.get("target_density", 0.05))
         self.density_warmup = int(cfg.get("density_warmup", 300))
         self.quantize_after = int(cfg.get("quantize_after", 100))
-        self.bias_lr = float(cfg.get("bias_lr", 0.5))
         self.leak, self.leak_steps = float(cfg.get("leak", 0.1)), int(cfg.get("leak_steps", 2000))
-        self.l1 = float(cfg.get("l1", 0.0))
         self.density_items = int(cfg.get("density_items", 128))
-        self.row_norm = str(cfg.get("row_norm", "center"))
-        self.cut = str(cfg.get("cut", "global"))
-        if self.cut not in ("global", "row"):
-            raise ValueError(f"model.cut must be 'global' or 'row', got {self.cut!r}")
         init_scale = float(cfg.get("logit_scale", 5.0))
         self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.register_buffer("bias", torch.tensor(0.0))
-        self.register_buffer("bias_initted", torch.tensor(False))
+        self.register_buffer("bias", torch.tensor(0.0))  # b: 0 but for `sparcode index --bias`
         self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
-        # cut "row": the fraction of items each code row keeps now (follows the density target; the index
-        # recomputes every row's threshold over all items from it)
+        # the fraction of items each code row keeps now (follows the density target; the index recomputes
+        # every row's threshold over all items from it)
         self.register_buffer("row_density", torch.tensor(1.0))
-        self._batch_density: float | None = None  # rho_hat of the last training batch
-        self._batch_bias = 0.0
+        self._batch_density: float | None = None  # the last training batch's density over its probe items
         self._density_ema: float | None = None
         self._row_cache: dict[int, Tensor] = {}
         self._row_cache_key: tuple[float, float] | None = None
@@ -150,7 +123,7 @@ class SparCode(TokenCross):
         return self.quantizer.n_codes
 
     def current_target(self) -> float:
-        """The density the controller aims at now: log-linear from 1 (dense) down to target_density over
+        """The density each row is cut at now: log-linear from 1 (dense) down to target_density over
         `density_warmup` steps."""
         frac = min(1.0, int(self.n_steps) / self.density_warmup) if self.density_warmup > 0 else 1.0
         return float(self.target_density**frac)
@@ -178,49 +151,29 @@ class SparCode(TokenCross):
         # alike).
         probe = torch.randint(1, self.ctx.n_items + 1, (self.density_items,), device=pos.device)
         g_probe = self.interaction.table(c, self.interaction.item_side(self.tokens_of(probe)))  # (B*K_u, P)
-        # Each code's row centred (row_norm "standard": standardised) over items: the statistics over the uniform
-        # probe items here, over every item in the index, with gradient through them (a LayerNorm over items).
+        # Each code's row standardised over items: the statistics over the uniform probe items here, over every
+        # item in the index, with gradient through them (a LayerNorm over items).
         mu = g_probe.mean(1, keepdim=True)
-        sd = (
-            g_probe.std(1, keepdim=True) + self.STD_EPS
-            if self.row_norm == "standard"
-            else torch.ones_like(mu)
-        )
+        sd = g_probe.std(1, keepdim=True) + self.STD_EPS
         g_probe = (g_probe - mu) / sd
         g_neg = (g_neg - mu) / sd
         g_pos = (g_pos - mu.reshape(b_size, self.k_u)) / sd.reshape(b_size, self.k_u)
-        if self.cut == "row":  # each row cut at its own (1 - target) quantile over the probe items
-            with torch.no_grad():
-                row_b = -self.row_thresholds(g_probe.detach(), self.current_target())  # (B*K_u, 1)
-                self._batch_density = float((g_probe.detach() + row_b > 0).float().mean())
-            g_probe, g_neg = g_probe + row_b, g_neg + row_b
-            g_pos = g_pos + row_b.reshape(b_size, self.k_u)
-        else:
-            with torch.no_grad():
-                flat = g_probe.detach().flatten()
-                # the bias that would have given exactly the target density on this batch
-                k = min(flat.numel(), max(1, round((1.0 - self.current_target()) * flat.numel())))
-                self._batch_bias = -float(flat.kthvalue(k).values)
-                if not bool(self.bias_initted):
-                    self.bias.fill_(self._batch_bias)
-                    self.bias_initted.fill_(True)
-                self._batch_density = float((flat + self.bias > 0).float().mean())
+        # each row cut at its own (1 - target) quantile over the probe items (b is 0 in training)
+        with torch.no_grad():
+            row_b = -self.row_thresholds(g_probe.detach(), self.current_target())  # (B*K_u, 1)
+            self._batch_density = float((g_probe.detach() + row_b > 0).float().mean())
+        x_neg = g_neg + row_b
+        x_pos = g_pos + row_b.reshape(b_size, self.k_u)
         # the learned softmax scale: a temperature, it changes no ranking and is not stored in the index
         scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
-        x_neg = g_neg + self.bias
-        x_pos = g_pos + self.bias
-        relu_neg = F.relu(x_neg)
-        neg_logits = scale * relu_neg.reshape(b_size, self.k_u, -1).sum(1)
+        neg_logits = scale * F.relu(x_neg).reshape(b_size, self.k_u, -1).sum(1)
         pos_logits = scale * leaky_cut(x_pos, self.leak_slope()).sum(1)
-        aux = commit + (self.l1 * relu_neg.mean() if self.l1 > 0 else 0.0)
-        return TrainOutput(pos_logits, neg_logits, aux)
+        return TrainOutput(pos_logits, neg_logits, commit)
 
     def _normalise_rows(self, g: Tensor) -> Tensor:
-        """Each row (code) of a full (codes, n_items + 1) table centred (or standardised) over items 1..n_items."""
+        """Each row (code) of a full (codes, n_items + 1) table standardised over items 1..n_items."""
         real = g[:, 1:]
-        if self.row_norm == "standard":
-            return (g - real.mean(1, keepdim=True)) / (real.std(1, keepdim=True) + self.STD_EPS)
-        return g - real.mean(1, keepdim=True)
+        return (g - real.mean(1, keepdim=True)) / (real.std(1, keepdim=True) + self.STD_EPS)
 
     @staticmethod
     def row_thresholds(g: Tensor, density: float) -> Tensor:
@@ -237,14 +190,11 @@ class SparCode(TokenCross):
         return int(self.n_steps) >= self.density_warmup
 
     def after_step(self) -> None:
-        """The sparsity controller: b <- b + bias_lr * (b_batch - b), see the module docstring."""
+        """One step on: the row density follows the density target; the batch density enters its EMA."""
         self.n_steps += 1
-        if self.cut == "row":
-            self.row_density.fill_(self.current_target())
+        self.row_density.fill_(self.current_target())
         if self._batch_density is None:
             return
-        if self.cut == "global":
-            self.bias += self.bias_lr * (self._batch_bias - float(self.bias))
         rho = self._batch_density
         self._density_ema = rho if self._density_ema is None else 0.95 * self._density_ema + 0.05 * rho
         self._batch_density = None
@@ -252,8 +202,7 @@ class SparCode(TokenCross):
     def epoch_stats(self) -> dict[str, Any]:
         stats = self.quantizer.usage_stats(reset=True)
         stats["bias"] = round(float(self.bias), 4)
-        if self.cut == "row":
-            stats["row_density"] = round(float(self.row_density), 4)
+        stats["row_density"] = round(float(self.row_density), 4)
         stats["logit_scale"] = round(float(self.log_logit_scale.detach().exp()), 3)
         stats["train_density"] = None if self._density_ema is None else round(self._density_ema, 4)
         stats["probe_density"] = round(self.probe_density(), 4)
@@ -263,7 +212,7 @@ class SparCode(TokenCross):
 
     @torch.no_grad()
     def probe_density(self) -> float:
-        """Density of ReLU(g + b) on a fixed probe of (code, item) pairs (fixed seed, uniform codes and items)."""
+        """Density of the cut scores on a fixed probe of (code, item) pairs (fixed seed, uniform codes and items)."""
         g = torch.Generator().manual_seed(self.PROBE_SEED)
         codes = torch.randint(self.n_codes, (self.PROBE_CODES,), generator=g)
         items = torch.randint(
@@ -285,10 +234,10 @@ class SparCode(TokenCross):
 
     @torch.no_grad()
     def score_codes(self, code_ids: Tensor, items: Tensor | None = None) -> Tensor:
-        """ReLU(g(ẑ(code), t(i)) + b) for the given code ids (n_codes,).
+        """The cut rows ReLU(g~(ẑ(code), i) - theta_code + b) of the given code ids (n_codes,).
 
         items None: every item, (n_codes, n_items + 1) with column 0 = 0 (padding); else the given item ids,
-        (n_codes, len(items)) (full rows are computed either way: a row is centred over all items).
+        (n_codes, len(items)) (full rows are computed either way: a row is standardised and cut over all items).
         Works in blocks of CODE_BLOCK codes with bounded memory; item tokens are cached in eval.
         """
         ids = code_ids.reshape(-1)
@@ -302,10 +251,9 @@ class SparCode(TokenCross):
             ids = torch.cat([ids, ids[-1:].expand(pad)]) if n else ids.new_zeros(self.CODE_BLOCK)
         z = self.quantizer.decode(ids)
         blocks = []
-        if self.cut == "row" and self.interaction._compiled(side.b):
+        if self.interaction._compiled(side.b):
             # the compiled kernels compute every element and every row's cut on their own: only the code side
             # (a matmul) needs the fixed blocks, the table and the cut take COMPILED_BLOCK codes per call
-            std = self.row_norm == "standard"
             for s in range(0, len(z), self.COMPILED_BLOCK):
                 zb = z[s : s + self.COMPILED_BLOCK]
                 sides = [
@@ -314,17 +262,14 @@ class SparCode(TokenCross):
                 ]
                 cs = CodeSide(torch.cat([c.z for c in sides]), torch.cat([c.a for c in sides]))
                 g = self.interaction.table(cs, side)
-                blocks.append(
-                    fused_table.row_cut(g, float(self.row_density), float(self.bias), std, self.STD_EPS)
-                )
+                blocks.append(fused_table.row_cut(g, float(self.row_density), float(self.bias), self.STD_EPS))
             out = torch.cat(blocks)[:n]
             return out if items is None else out[:, items.reshape(-1)]
         for s in range(0, len(z), self.CODE_BLOCK):
             g = self._normalise_rows(
                 self.interaction.table(self.interaction.code_side(z[s : s + self.CODE_BLOCK]), side)
             )
-            if self.cut == "row":
-                g = g - self.row_thresholds(g[:, 1:], float(self.row_density))
+            g = g - self.row_thresholds(g[:, 1:], float(self.row_density))
             blocks.append(F.relu(g + self.bias))
         out = torch.cat(blocks)[:n]
         out[:, 0] = 0.0
@@ -373,6 +318,21 @@ class SparCode(TokenCross):
         super().clear_cache()
         self._row_cache, self._row_cache_key = {}, None
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Also a checkpoint saved while `model.cut` and `model.row_norm` existed (it has the global cut's flag
+        `bias_initted`): loaded if it used the per-row cut of standardised rows, refused if not."""
+        if "bias_initted" in state_dict:
+            old = (self.cfg.get("cut", "global"), self.cfg.get("row_norm", "center"))
+            if old != ("row", "standard"):
+                raise UserError(
+                    f"this checkpoint was trained with model.cut = {old[0]!r} and model.row_norm = {old[1]!r}; "
+                    'only cut = "row" with row_norm = "standard" remains (experiments/results/'
+                    "sparcode-design-history.md)",
+                    hint="score it with a checkout from before their removal, or train it again",
+                )
+            state_dict = {k: v for k, v in state_dict.items() if k != "bias_initted"}
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
     # -- warm start -------------------------------------------------------------------------------------------
     def init_from_run(
         self, ckpt: dict[str, Any], queries: QueryBatch | Iterable[QueryBatch] | None = None
@@ -383,7 +343,6 @@ class SparCode(TokenCross):
         first training batch; the row density starts at the density target's first value."""
         self._copy_two_tower(ckpt)
         self.quantizer.initted.fill_(False)
-        self.bias_initted.fill_(False)
         self.n_steps.fill_(self.density_warmup)  # past the density warm-up: cut at the target from step 0
         self.row_density.fill_(self.current_target())
         self.quantize_after = 0  # the tokens are trained already: k-means of them now, or of the first batch
