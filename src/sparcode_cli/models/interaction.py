@@ -84,7 +84,7 @@ class Interaction(nn.Module):
             self.item_proj = nn.Linear(dim, h)  # keys
             self.value_proj = nn.Linear(dim, h)  # values
             self.code_skip = nn.Linear(dim, h, bias=False)  # U
-        self.out = nn.Linear(h, 1, bias=False)  # w; no bias: the sparsity bias b plays that role
+        self.out = nn.Linear(h, 1, bias=False)  # w; no bias: a constant on every score ranks nothing
         nn.init.normal_(self.out.weight, std=0.02)
 
     # -- the two precomputable sides -----------------------------------------------------------------
