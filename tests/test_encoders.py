@@ -115,3 +115,15 @@ def test_the_data_context_carries_the_user_count_and_reads_old_checkpoints() -> 
     assert DataContext.from_dict(CTX.to_dict()) == CTX
     old = {k: v for k, v in CTX.to_dict().items() if k != "n_users"}
     assert DataContext.from_dict(old).n_users == 0
+
+
+def test_hidden_zero_makes_each_tower_one_linear_layer() -> None:
+    from sparcode_cli.models.encoders import ItemEncoder
+
+    enc = encoder("dnn", "model.hidden=0")
+    linears = [m for m in enc.mlp if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].out_features == 8
+    cfg = load_config("two-tower", overrides=["model.emb_dim=16", "model.dim=8", "model.hidden=0"])["model"]
+    item = ItemEncoder(cfg, CTX)
+    assert [type(m) for m in item.mlp] == [torch.nn.Linear]
+    assert item(torch.tensor([1, 2])).shape == (2, 8)

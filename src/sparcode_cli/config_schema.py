@@ -94,7 +94,7 @@ class EncoderConfig(ModelSection):
     query_encoder: Literal["dnn", "sasrec", "gru4rec"]
     dim: int = Field(ge=1)
     emb_dim: int = Field(ge=1)
-    hidden: int = Field(ge=1)
+    hidden: int = Field(ge=0)  # 0: each tower is one linear layer
     dropout: float = Field(ge=0, lt=1)
     sasrec_layers: int = Field(ge=1)
     sasrec_heads: int = Field(ge=1)

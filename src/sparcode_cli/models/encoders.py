@@ -1,7 +1,7 @@
 """Shared encoders: the item encoder (id + genres + year) and the query encoders (`dnn`, `sasrec`, `gru4rec`).
 
 Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
-`hidden` (MLP hidden size), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"), `sasrec_layers`,
+`hidden` (MLP hidden size; 0: one linear layer), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"), `sasrec_layers`,
 `sasrec_heads`, `gru_layers`, `max_history` (L), `user_id` (a user-ID embedding in every query encoder).
 """
 
@@ -17,10 +17,12 @@ from sparcode_cli.models.base import DataContext, QueryBatch
 
 
 def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers with GELU and dropout between them (none after the last).
+    """Linear layers with GELU and dropout between them (none after the last). A hidden size of 0 drops that
+    layer: `hidden = 0` makes a tower one linear map (YouTubeDNN with no hidden layer, MF-like).
 
     The Dropout module is there even at p = 0, so parameter names do not depend on the dropout setting and a
     checkpoint trained with dropout can warm-start a model without it (and back)."""
+    sizes = [sizes[0], *(h for h in sizes[1:-1] if h > 0), sizes[-1]]
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
