@@ -81,8 +81,10 @@ def test_retrieve_equals_dense_topk(seed: int, k: int) -> None:
     want = topk_dense(dense_scores(capped(table, None), user_codes), hist, k, exclude_nonpositive=True)
     assert_same(got, want)
     assert got.n_on_the_fly_users == 0
-    # tiny product batches (one user each) give the same answer
-    assert_same(retrieve(index, user_codes, hist, k, batch_entries=1), want)
+    # one user per call (the single-query path) gives the same rows
+    for u in range(0, n_users, 7):
+        one = retrieve(index, user_codes[u : u + 1], Ragged.from_lists([hist.row(u)]), k)
+        assert_same(one, TopK(want.items[u : u + 1], want.scores[u : u + 1], want.lengths[u : u + 1]))
 
 
 def test_ties_break_by_smaller_item_id() -> None:
@@ -321,8 +323,8 @@ def test_overlap_at_k() -> None:
     np.testing.assert_allclose(a.to_ragged().values, [1, 2, 3, 4, 5, 7])
 
 
-def test_pruning_bound_is_exact_on_long_rows_with_many_ties() -> None:
-    # rows of ~600 entries with 16 distinct values: the lower bound prunes most entries and lands on ties
+def test_long_rows_with_many_ties() -> None:
+    # rows of ~600 entries with 16 distinct values: most of the top-k heap's decisions are ties
     rng = np.random.default_rng(21)
     n_codes, n_items, n_users = 40, 2000, 50
     table = dyadic_table(rng, n_codes, n_items, density=0.3)
@@ -331,18 +333,116 @@ def test_pruning_bound_is_exact_on_long_rows_with_many_ties() -> None:
     hist = random_history(rng, n_users, n_items, max_len=60)
     stored = capped(table, None)
     for k in (1, 20, 3000):
-        got = retrieve(index, user_codes, hist, k, batch_entries=5000)
+        got = retrieve(index, user_codes, hist, k)
         assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, k, exclude_nonpositive=True))
 
 
-def test_three_key_sort_fallback_gives_the_same_lists(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sparcode_cli.retrieval.sparse_index as si
+# --------------------------------------------------------------------------------------- the serving kernel
+def summed_like_score_all(stored: np.ndarray, user_codes: np.ndarray) -> np.ndarray:
+    """SparCode.score_all's float32 sums in numpy: from 0, each distinct code in ascending id order adds
+    count x its row (a product rounded, then a sum rounded)."""
+    srt = np.sort(user_codes, axis=1)
+    out = np.zeros((len(srt), stored.shape[1]), dtype=np.float32)
+    for p in range(srt.shape[1]):
+        col = srt[:, p]
+        first = np.ones(len(col), dtype=bool) if p == 0 else col != srt[:, p - 1]
+        count = (srt == col[:, None]).sum(axis=1).astype(np.float32)
+        out += np.where(first[:, None], count[:, None] * stored[col], np.float32(0))
+    return out
 
-    rng = np.random.default_rng(12)
-    table = dyadic_table(rng, 20, 300, density=0.3)
-    index = build(table, np.arange(20))
-    user_codes = rng.integers(0, 20, size=(30, 3))
-    hist = random_history(rng, 30, 300, max_len=20)
-    want = retrieve(index, user_codes, hist, 9)
-    monkeypatch.setattr(si, "_KEY_BITS", 0)
-    assert_same(retrieve(index, user_codes, hist, 9), want)
+
+def random_case(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Ragged, int]:
+    """A random table (continuous scores, a few tied ones, some empty rows), the built codes (most of them),
+    user codes with repeats, and histories up to nearly every item; k from 1 to past the candidate count."""
+    rng = np.random.default_rng(seed)
+    n_codes, n_items = int(rng.integers(1, 25)), int(rng.integers(1, 150))
+    density = float(rng.choice([0.02, 0.1, 0.4, 0.9]))
+    table = (rng.standard_normal((n_codes, n_items + 1)) + _quantile(density)).astype(np.float32)
+    table[rng.random(table.shape) < 0.1] = 0.75  # ties
+    table[rng.random(n_codes) < 0.2] = -1.0  # empty rows
+    built = np.flatnonzero(rng.random(n_codes) < 0.8)
+    n_users, k_u = int(rng.integers(1, 40)), int(rng.integers(1, 7))
+    user_codes = rng.integers(0, n_codes, size=(n_users, k_u))
+    # repeated codes (count 2 or 3): added once, as count x row, at the code's place in ascending order
+    rep = rng.random(n_users) < 0.3
+    user_codes[rep, -1] = user_codes[rep, 0]
+    if k_u > 2:
+        user_codes[rep, -2] = user_codes[rep, 0]
+    max_len = int(rng.choice([0, 5, n_items]))
+    hist = random_history(rng, n_users, n_items, max_len=max_len)
+    k = int(rng.choice([1, 3, 17, 500]))
+    return table, built, user_codes, hist, k
+
+
+def _quantile(density: float) -> float:
+    from statistics import NormalDist
+
+    return -NormalDist().inv_cdf(1.0 - density)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_kernel_equals_dense_topk_bit_for_bit(seed: int) -> None:
+    table, built, user_codes, hist, k = random_case(seed)
+    index = build(table, built)
+    got = retrieve(index, user_codes, hist, k, on_the_fly=lambda c: table[c])
+    dense = summed_like_score_all(capped(table, None), user_codes)
+    assert_same(got, topk_dense(dense, hist, k, exclude_nonpositive=True))
+    assert got.n_on_the_fly_users == int((~np.isin(user_codes, built)).any(axis=1).sum())
+
+
+def test_scores_follow_ascending_code_order() -> None:
+    """Continuous scores: another summation order changes last bits, so equality here pins the order."""
+    rng = np.random.default_rng(7)
+    table = rng.random((6, 400)).astype(np.float32) * np.float32(1e3) + np.float32(1e-3)
+    table[:, 0] = 0
+    index = build(table, np.arange(6))
+    user_codes = np.array([[5, 2, 4, 2], [3, 1, 0, 1], [4, 4, 4, 0]])
+    got = retrieve(index, user_codes, None, k=399)
+    want = summed_like_score_all(table, user_codes)
+    other = table[user_codes].sum(axis=1, dtype=np.float32)  # the given order, a repeat added twice
+    assert not np.array_equal(want[:, 1:], other[:, 1:])
+    assert_same(got, topk_dense(want, None, 399, exclude_nonpositive=True))
+
+
+def test_history_masking_in_the_kernel() -> None:
+    table = np.zeros((2, 9), dtype=np.float32)
+    table[0, [1, 2, 3, 4]] = [4.0, 3.0, 2.0, 1.0]
+    table[1, [4, 5]] = [0.5, 0.5]
+    index = build(table, np.array([0, 1]))
+    # unsorted and repeated ids, item 0 and items no code reaches are harmless
+    hist = Ragged.from_lists([[3, 1, 3, 0, 8], [], [1, 2, 3, 4, 5]])
+    top = retrieve(index, np.array([[0, 1], [0, 1], [0, 1]]), hist, k=4)
+    np.testing.assert_array_equal(top.items, [[2, 4, 5, 0], [1, 2, 3, 4], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(top.scores[0, :3], [3.0, 1.5, 0.5])
+    np.testing.assert_array_equal(top.lengths, [3, 4, 0])
+    assert_same(top, retrieve(index, np.array([[0, 1]] * 3), hist.to_csr(9), k=4))
+    with pytest.raises(ValueError, match="history item ids"):
+        retrieve(index, np.array([[0, 1]]), Ragged.from_lists([[9]]), k=4)
+
+
+def test_kernel_threads_give_identical_lists_and_leave_torch_alone() -> None:
+    """Same lists at 1 and 2 numba threads (the kernel follows torch's count); numba's "omp" layer once reset
+    the caller's OpenMP count, so torch must keep the count it was set to."""
+    import numba
+    import torch
+
+    rng = np.random.default_rng(13)
+    table = dyadic_table(rng, 30, 500, density=0.2)
+    index = build(table, np.arange(30))
+    user_codes = rng.integers(0, 30, size=(101, 4))
+    hist = random_history(rng, 101, 500, max_len=40)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = retrieve(index, user_codes, hist, 25)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        if numba.config.NUMBA_NUM_THREADS >= 2:
+            torch.set_num_threads(2)
+            two = retrieve(index, user_codes, hist, 25)
+            assert torch.get_num_threads() == 2 and numba.get_num_threads() == 2
+            assert_same(one, two)
+    finally:
+        torch.set_num_threads(prev)
+    assert_same(
+        one, topk_dense(dense_scores(capped(table, None), user_codes), hist, 25, exclude_nonpositive=True)
+    )
