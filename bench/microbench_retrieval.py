@@ -243,18 +243,22 @@ def _concat(parts: list, topk: type):
 
 
 def _load_baseline(rev: str):
-    """sparse_index.py as of git revision `rev`, imported under another name (it imports only project modules
-    that still exist)."""
+    """sparse_index.py as of git revision `rev`, imported from a temporary file under another name (it imports
+    only project modules that still exist; a file, so numba can cache its kernels)."""
     import importlib.util
+    import tempfile
 
     path = "src/sparcode_cli/retrieval/sparse_index.py"
     src = subprocess.run(
         ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
     ).stdout
     name = "_baseline_sparse_index"
-    mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    file = Path(tempfile.mkdtemp(prefix="sparcode-baseline-")) / f"{name}.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up
-    exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+    spec.loader.exec_module(mod)
     return mod
 
 

@@ -446,3 +446,60 @@ def test_kernel_threads_give_identical_lists_and_leave_torch_alone() -> None:
     assert_same(
         one, topk_dense(dense_scores(capped(table, None), user_codes), hist, 25, exclude_nonpositive=True)
     )
+
+
+def test_depth_table_holds_each_rows_ranked_scores() -> None:
+    import sparcode_cli.retrieval.sparse_index as si
+
+    rng = np.random.default_rng(17)
+    n_items = 1500
+    table = dyadic_table(rng, 5, n_items, density=0.9)
+    table[1, 20:] = -1.0  # 19 entries: shorter than every depth
+    table[2] = -1.0  # empty
+    index = build(table, np.arange(5))
+    got = index._depths(np.array([3, 0, 3, 1, 2, 4]))
+    for r in range(5):
+        desc = np.sort(index.matrix[r].data)[::-1]
+        want = [desc[d - 1] if d <= len(desc) else 0 for d in si._DEPTHS]
+        np.testing.assert_array_equal(got[r], want)
+
+
+@pytest.mark.parametrize("scores", ["dyadic", "continuous"])
+def test_floor_is_exact_with_ties_repeats_and_histories_on_the_best_items(scores: str) -> None:
+    """Rows long enough for every depth level: the kernel ranks only entries at or above a per-user floor.
+    Ties sit at the floor (dyadic), codes repeat (count x the row's depth score), and histories cover the
+    users' best items, up to past the deepest level (no floor then)."""
+    rng = np.random.default_rng(23)
+    n_codes, n_items, n_users = 12, 3000, 40
+    if scores == "dyadic":
+        table = dyadic_table(rng, n_codes, n_items, density=0.5)
+    else:
+        table = (rng.standard_normal((n_codes, n_items + 1)) + 0.2).astype(np.float32)
+    index = build(table, np.arange(n_codes))
+    user_codes = rng.integers(0, n_codes, size=(n_users, 4))
+    user_codes[::3, 1] = user_codes[::3, 0]  # repeated codes
+    dense = summed_like_score_all(capped(table, None), user_codes)
+    lengths = [0, 5, 40, 300, 1100]  # 1100 + k is past the deepest level
+    rows = []
+    for u in range(n_users):
+        best = np.argsort(-dense[u], kind="stable")
+        rows.append(best[: lengths[u % len(lengths)]] if u % 2 else rng.permutation(best[:2000])[:80])
+    hist = Ragged.from_lists(rows)
+    for k in (1, 10, 50):
+        got = retrieve(index, user_codes, hist, k)
+        assert_same(got, topk_dense(dense, hist, k, exclude_nonpositive=True))
+
+
+def test_ties_at_the_floor_are_kept() -> None:
+    # 200 items tie at 0.5, so a row's 32nd-best score, the floor of a k=10 query, is 0.5 itself
+    table = np.zeros((2, 301), dtype=np.float32)
+    table[0, 101:301] = 0.5
+    table[0, [7, 3]] = [2.0, 1.0]
+    table[1, 1:301] = 0.25
+    index = build(table, np.array([0, 1]))
+    top = retrieve(index, np.array([[0], [0]]), Ragged.from_lists([[], [101, 3]]), k=10)
+    np.testing.assert_array_equal(top.items[0], [7, 3, *range(101, 109)])
+    np.testing.assert_array_equal(top.items[1], [7, *range(102, 111)])
+    top = retrieve(index, np.array([[1, 1]]), None, k=10)  # count x the 32nd best: 2 x 0.25, every item
+    np.testing.assert_array_equal(top.items[0], range(1, 11))
+    np.testing.assert_array_equal(top.scores[0], np.full(10, 0.5, dtype=np.float32))

@@ -14,15 +14,18 @@ Conventions shared by every retrieval path in this package (sparse index, dense 
 - a result is a `TopK`: `items` (U, k) int64 padded with 0, `scores` (U, k) float32 padded with -inf, and
   `lengths` (U,): row u's list is items[u, :lengths[u]].
 
-How `retrieve` works: one numba kernel, parallel over users, no Python per user (a single query takes the same
-kernel). Per user it adds count x row of each distinct code, in ascending code id, into a dense float32
-accumulator of n_items + 1 (one per thread, allocated zeroed once per call), clears the user's history items,
-then walks the same posting lists again: each entry still non-zero is offered to a k-entry heap keyed
-(score bits, item) and zeroed, so only touched entries are reset. The heap, sorted, is the list. Threads: torch's
-intra-op count when torch is loaded, else numba's setting; each user is served by one thread in a fixed order,
-so results do not depend on the thread count. Scores are bit-identical to `SparCode.score_all` (the same two
-float32 roundings, product then sum, in the same order) and the lists equal `topk_dense` of those scores.
-Codes without a row are scored on the fly into a small side CSR that the kernel reads in the same order.
+How `retrieve` works: one numba kernel, no Python per user; a single query takes the same kernel. Per user:
+add count x row of each distinct code, in ascending code id, into a float32 accumulator of n_items + 1; clear
+the history items; walk the same posting lists again, keeping each entry at or above the user's floor as a
+candidate key (score bits, item) and zeroing every entry (only touched entries are reset); the candidates'
+best k, sorted, are the list. The floor, a lower bound of the k-th best non-history score, is count x a row's
+d-th best score for the first d >= k + |history| of 32, 45, 64, ..., 1024 (a small per-row table, filled when
+a query first uses the row); at least d items reach it in that row alone, and float32 sums of scores > 0 only
+grow. On Gowalla-shaped rows ~400 of ~8,000 entries pass it. Threads: torch's intra-op count if torch is
+loaded, else numba's; thread t has its own accumulator and serves users t, t + T, ...; one thread or one user
+runs a serial build (a parallel launch costs ~30 us). Results do not depend on the thread count; scores are
+bit-identical to `SparCode.score_all` (same order, same two float32 roundings: product, then sum) and the lists
+equal `topk_dense` of them. Codes without a row are scored on the fly into a side CSR read in the same order.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import sys
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
@@ -50,6 +53,9 @@ numba.config.THREADING_LAYER = "workqueue"
 
 History = sp.spmatrix | sp.sparray | Ragged | None
 OnTheFly = Callable[[np.ndarray], np.ndarray]
+
+_DEPTHS = np.round(32 * 2 ** (np.arange(11) / 2)).astype(np.int64)  # 32, 45, 64, ..., 1024: bound levels
+_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)  # `x >= _TINY` is `x > 0` for float32
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -151,6 +157,8 @@ class CodeIndex:
     matrix: sp.csr_matrix
     code_ids: np.ndarray
     max_per_code: int | None = None
+    _depth: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _depth_done: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         m = self.matrix
@@ -167,7 +175,8 @@ class CodeIndex:
             raise ValueError("code_ids must be strictly increasing")
         if m.shape[1] < 1:
             raise ValueError("the index needs at least the padding column")
-        # the retrieval kernel relies on these: every stored score is a finite value > 0, item 0 absent
+        # the retrieval kernel relies on these (its accumulator and floor): every stored score is a finite
+        # value > 0, item 0 absent
         if m.nnz and not (np.isfinite(m.data).all() and m.data.min() > 0):
             raise ValueError("index scores must be finite and > 0 (only positive scores are stored)")
         if m.nnz and m.indices.min() < 1:
@@ -208,6 +217,19 @@ class CodeIndex:
             return np.full(q.shape, -1, dtype=np.int64), np.zeros(q.shape, dtype=bool)
         found = self.code_ids[np.minimum(pos, self.n_rows - 1)] == q
         return np.where(found, pos, -1).astype(np.int64), found
+
+    def _depths(self, rows: np.ndarray) -> np.ndarray:
+        """(n_rows, len(_DEPTHS)) float32: row r's _DEPTHS[l]-th best score (0 where shorter), the bounds of
+        retrieve's kernel; filled lazily (each row sorted once, when a query first uses it) and cached."""
+        if self._depth is None:
+            self._depth = np.zeros((self.n_rows, len(_DEPTHS)), dtype=np.float32)
+            self._depth_done = np.zeros(self.n_rows, dtype=bool)
+        todo = rows[~self._depth_done[rows]]
+        if len(todo):
+            todo = np.unique(todo)
+            _fill_depths(self.matrix.indptr, self.matrix.data, todo, self._depth)
+            self._depth_done[todo] = True
+        return self._depth
 
     # ---- persistence
     def save(self, folder: str | Path) -> None:
@@ -490,6 +512,7 @@ def retrieve(
     rows, found = index.row_of(codes)
     m = index.matrix
     o_ptr, o_idx, o_val = m.indptr[:1] * 0, m.indices[:0], m.data[:0]
+    o_depth = np.zeros((0, len(_DEPTHS)), dtype=np.float32)
     n_otf = int((~found.all(axis=1)).sum())
     if n_otf:
         if on_the_fly is None:
@@ -500,112 +523,149 @@ def retrieve(
         rows[~found] = index.n_rows + otf.row_of(codes[~found])[0]  # past the index's rows: the otf rows
         o = otf.matrix
         o_ptr, o_idx, o_val = o.indptr.astype(m.indptr.dtype), o.indices.astype(m.indices.dtype), o.data
+        o_depth = otf._depths(np.arange(otf.n_rows))
     h_ptr, h_idx = _history_arrays(history, n_users, n_cols)
     n_chunks = max(1, min(_kernel_threads(), n_users))
     acc = np.zeros((n_chunks, n_cols), dtype=np.float32)
-    heap = np.empty((n_chunks, max(1, min(k, n_cols - 1))), dtype=np.int64)
-    _topk_kernel(
-        rows, index.n_rows, m.indptr, m.indices, m.data, o_ptr, o_idx, o_val, h_ptr, h_idx,
-        acc, heap, out.items, out.scores.view(np.int32), out.lengths,
+    cand = np.empty((n_chunks, n_cols), dtype=np.int64)
+    kernel = _topk_serial if n_chunks == 1 else _topk_parallel  # a parallel launch costs ~30 us
+    kernel(
+        rows, index.n_rows, (m.indptr, m.indices, m.data, index._depths(rows[found])),
+        (o_ptr, o_idx, o_val, o_depth), (h_ptr, h_idx), min(k, n_cols - 1), acc, cand,
+        (out.items, out.scores.view(np.int32), out.lengths),
     )  # fmt: skip
     return TopK(out.items, out.scores, out.lengths, n_otf)
 
 
 # ---- the kernel (compiled by numba; coverage does not see it)
+# Argument bundles: csr = (indptr, indices, scores, depth table) of the index, side = the same for the
+# on-the-fly rows (row r >= n_main of a user is side row r - n_main), hist = (indptr, item ids),
+# out = (items, score bits as int32, lengths) of the TopK.
 @numba.njit(cache=True, nogil=True)
 def _add_row(
-    acc: np.ndarray, idx: np.ndarray, val: np.ndarray, s: int, e: int, count: int
+    acc: np.ndarray, idx: np.ndarray, val: np.ndarray, s: int, e: int, count: np.float32
 ) -> None:  # pragma: no cover
-    c = np.float32(count)
     for j in range(s, e):
-        acc[idx[j]] += c * val[j]  # float32 product, then float32 sum: score_all's two roundings
+        acc[idx[j]] += count * val[j]  # float32 product, then float32 sum: score_all's two roundings
 
 
 @numba.njit(cache=True, nogil=True)
 def _collect_row(
-    acc: np.ndarray, bits: np.ndarray, idx: np.ndarray, s: int, e: int, heap: np.ndarray, n: int
+    acc: np.ndarray,
+    bits: np.ndarray,
+    idx: np.ndarray,
+    s: int,
+    e: int,
+    floor: np.float32,
+    cand: np.ndarray,
+    n: int,
 ) -> int:  # pragma: no cover
-    """Offer each still-set entry of the row to the min-heap of the best keys and clear it; returns the heap size.
+    """Append the key of every entry of the row still >= floor to cand[n:], clear the entries; the new n.
 
     key = score bits << 32 | (2^32 - 1 - item): for scores > 0 the float bits order like the values, so a
     larger key is a better (score desc, item asc) pair."""
-    cap = len(heap)
     for j in range(s, e):
         i = idx[j]
-        if acc[i] > 0:
-            key = (np.int64(bits[i]) << 32) | np.int64(0xFFFFFFFF - i)
-            acc[i] = 0
-            if n < cap:  # sift up
-                p = n
-                n += 1
-                while p > 0:
-                    q = (p - 1) >> 1
-                    if heap[q] <= key:
-                        break
-                    heap[p] = heap[q]
-                    p = q
-                heap[p] = key
-            elif key > heap[0]:  # replace the worst kept, sift down
-                p = 0
-                while True:
-                    c = 2 * p + 1
-                    if c >= cap:
-                        break
-                    if c + 1 < cap and heap[c + 1] < heap[c]:
-                        c += 1
-                    if heap[c] >= key:
-                        break
-                    heap[p] = heap[c]
-                    p = c
-                heap[p] = key
+        if acc[i] >= floor:
+            cand[n] = (np.int64(bits[i]) << 32) | np.int64(0xFFFFFFFF - i)
+            n += 1
+        acc[i] = 0
     return n
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _topk_kernel(
-    rows: np.ndarray, n_main: int, ptr: np.ndarray, idx: np.ndarray, val: np.ndarray,
-    o_ptr: np.ndarray, o_idx: np.ndarray, o_val: np.ndarray, h_ptr: np.ndarray, h_idx: np.ndarray,
-    acc: np.ndarray, heap: np.ndarray, items: np.ndarray, score_bits: np.ndarray, lengths: np.ndarray,
+@numba.njit(cache=True, nogil=True)
+def _serve(
+    u: int, rows: np.ndarray, n_main: int, csr: tuple, side: tuple, hist: tuple, k: int,
+    acc: np.ndarray, cand: np.ndarray, out: tuple,
 ) -> None:  # fmt: skip  # pragma: no cover
-    """Per user: add its distinct rows in the given (code id) order, count x row; clear its history entries;
-    then walk the same rows again, offering every entry still set to a top-k heap and clearing it (so the
-    accumulator is zero again); finally write the heap best first. rows >= n_main are rows of the o_* CSR.
-    Chunk t (its own accumulator and heap) serves users t, t + T, t + 2T, ..."""
-    n_users, n_k = rows.shape
+    """User u: add its distinct rows in the given (code id) order, count x row, and take the floor (below);
+    clear its history entries; walk the same rows again, keeping the entries >= floor as candidates and
+    clearing every entry (acc is zero again); the candidates' best k, sorted, are the list.
+
+    The floor is a lower bound of the user's k-th best non-history score: for the first level d of _DEPTHS
+    with d >= k + |history|, count x (a row's d-th best score); at least d items reach it in that row alone,
+    and sums of scores > 0 only grow (float32 rounding is monotone). It is the smallest float32 > 0 when no
+    level is deep enough. So the candidates hold the whole top-k, ties at the floor included."""
+    ptr, idx, val, depth = csr
+    o_ptr, o_idx, o_val, o_depth = side
+    h_ptr, h_idx = hist
+    items, score_bits, lengths = out
+    bits = acc.view(np.int32)
+    n_k = rows.shape[1]
+    n_levels = len(_DEPTHS)
+    lv = 0
+    while lv < n_levels and _DEPTHS[lv] < k + h_ptr[u + 1] - h_ptr[u]:
+        lv += 1
+    floor = _TINY
+    p = 0
+    while p < n_k:
+        r = rows[u, p]
+        q = p + 1
+        while q < n_k and rows[u, q] == r:
+            q += 1
+        c = np.float32(q - p)
+        if r < n_main:
+            _add_row(acc, idx, val, ptr[r], ptr[r + 1], c)
+            b = c * depth[r, lv] if lv < n_levels else floor
+        else:
+            s = r - n_main
+            _add_row(acc, o_idx, o_val, o_ptr[s], o_ptr[s + 1], c)
+            b = c * o_depth[s, lv] if lv < n_levels else floor
+        floor = max(floor, b)
+        p = q
+    for j in range(h_ptr[u], h_ptr[u + 1]):
+        acc[h_idx[j]] = 0
+    n = 0
+    for p in range(n_k):
+        r = rows[u, p]
+        if p > 0 and r == rows[u, p - 1]:
+            continue
+        if r < n_main:
+            n = _collect_row(acc, bits, idx, ptr[r], ptr[r + 1], floor, cand, n)
+        else:
+            s = r - n_main
+            n = _collect_row(acc, bits, o_idx, o_ptr[s], o_ptr[s + 1], floor, cand, n)
+    m = min(k, n)
+    best = np.sort(np.partition(cand[:n], n - m)[n - m :]) if m < n else np.sort(cand[:n])
+    for j in range(m):
+        key = best[len(best) - 1 - j]
+        items[u, j] = 0xFFFFFFFF - (key & 0xFFFFFFFF)
+        score_bits[u, j] = np.int32(key >> 32)
+    lengths[u] = m
+
+
+@numba.njit(cache=True, nogil=True)
+def _topk_serial(
+    rows: np.ndarray, n_main: int, csr: tuple, side: tuple, hist: tuple, k: int,
+    acc: np.ndarray, cand: np.ndarray, out: tuple,
+) -> None:  # fmt: skip  # pragma: no cover
+    for u in range(rows.shape[0]):
+        _serve(u, rows, n_main, csr, side, hist, k, acc[0], cand[0], out)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _topk_parallel(
+    rows: np.ndarray, n_main: int, csr: tuple, side: tuple, hist: tuple, k: int,
+    acc: np.ndarray, cand: np.ndarray, out: tuple,
+) -> None:  # fmt: skip  # pragma: no cover
+    """Chunk t (its own accumulator and candidate buffer) serves users t, t + T, t + 2T, ..."""
     n_chunks = acc.shape[0]
     for t in numba.prange(n_chunks):
-        a = acc[t]
-        bits = a.view(np.int32)
-        hp = heap[t]
-        for u in range(t, n_users, n_chunks):
-            p = 0
-            while p < n_k:
-                r = rows[u, p]
-                q = p + 1
-                while q < n_k and rows[u, q] == r:
-                    q += 1
-                if r < n_main:
-                    _add_row(a, idx, val, ptr[r], ptr[r + 1], q - p)
-                else:
-                    _add_row(a, o_idx, o_val, o_ptr[r - n_main], o_ptr[r - n_main + 1], q - p)
-                p = q
-            for j in range(h_ptr[u], h_ptr[u + 1]):
-                a[h_idx[j]] = 0
-            n = 0
-            for p in range(n_k):
-                r = rows[u, p]
-                if p > 0 and r == rows[u, p - 1]:
-                    continue
-                if r < n_main:
-                    n = _collect_row(a, bits, idx, ptr[r], ptr[r + 1], hp, n)
-                else:
-                    n = _collect_row(a, bits, o_idx, o_ptr[r - n_main], o_ptr[r - n_main + 1], hp, n)
-            best = np.sort(hp[:n])
-            for j in range(n):
-                key = best[n - 1 - j]
-                items[u, j] = 0xFFFFFFFF - (key & 0xFFFFFFFF)
-                score_bits[u, j] = np.int32(key >> 32)
-            lengths[u] = n
+        for u in range(t, rows.shape[0], n_chunks):
+            _serve(u, rows, n_main, csr, side, hist, k, acc[t], cand[t], out)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _fill_depths(
+    ptr: np.ndarray, val: np.ndarray, rows: np.ndarray, out: np.ndarray
+) -> None:  # pragma: no cover
+    """out[r, l] = row r's _DEPTHS[l]-th best score (0 where the row is shorter), for r in rows."""
+    for j in numba.prange(len(rows)):
+        r = rows[j]
+        v = np.sort(val[ptr[r] : ptr[r + 1]])
+        n = len(v)
+        for lv in range(len(_DEPTHS)):
+            out[r, lv] = v[n - _DEPTHS[lv]] if _DEPTHS[lv] <= n else 0
 
 
 # ------------------------------------------------------------------------------------------- dense reference
