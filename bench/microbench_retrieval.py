@@ -8,15 +8,16 @@ Synthetic but shaped like the real thing: the index holds ReLU(g + b) with g ~ N
 `--density` of the (code, item) pairs are positive (4,096 codes x 40,981 items at 5% by default); each user
 has K_u codes and a history of gowalla-like length (log-normal, mean ~27, up to 800) that every path masks;
 Faiss searches d=64 item vectors with the same masking. `--baseline REV` also times `retrieve` as it was at
-git revision REV (its sparse_index.py, loaded from git into this process; 599220f is the last scipy
-sparse-product path), on the same index and users, and checks it returns the same lists.
+git revision REV (its sparse_index.py, taken from git and imported into this process; 599220f is the last
+scipy sparse-product path), on the same index and users, and checks it returns the same lists.
 
 Threads: torch, numba, Faiss and BLAS all at `--threads` (default 1), set before anything runs. Every method
-runs in the same process, interleaved by chunks of users; each of `--repeat` (>= 3) rounds times every chunk
-once per method, and the reported rate is the median over rounds (wall and process CPU time: on a shared
-machine the CPU time excludes time spent descheduled); ratios are per round, then the median. Bytes per
-query: the posting lists the kernel reads (4-byte id + 4-byte score per entry, each distinct code once),
-against `--bandwidth-gbs`.
+runs in the same process. Batch: each of `--repeat` (>= 3) rounds times every chunk of users once per method,
+methods interleaved per chunk; the rate is the median over rounds (wall and process CPU time: on a shared
+machine the CPU time excludes time spent descheduled). Single queries: per round, each method's queries back
+to back (as `sparcode eval` times them); the p50 is the median over rounds. Ratios are taken per round, then
+the median. Bytes per query: the posting lists the kernel reads (4-byte id + 4-byte score per entry, each
+distinct code once), against `--bandwidth-gbs`.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def main() -> None:
         f"at the kernel's cpu QPS {rate:.2f} GB/s = {rate / args.bandwidth_gbs:.3f} of {args.bandwidth_gbs:g} GB/s"
     )
 
-    # ---- single-query latency (one user per call), methods interleaved per query, per round
+    # ---- single-query latency (one user per call), methods interleaved per round
     rng2 = np.random.default_rng(args.seed + 1)
     picks = rng2.choice(args.users, size=min(args.latency_queries, args.users), replace=False)
     singles = [(slice(int(u), int(u) + 1), _rows(hist, slice(int(u), int(u) + 1))) for u in picks]
@@ -185,16 +186,14 @@ def main() -> None:
     p50 = {n: [] for n in lat_names}
     p99 = {n: [] for n in lat_names}
     for _ in range(args.repeat):
-        lat = {n: [] for n in lat_names}
-        for sl, h in singles:
-            for name, fn in methods[: len(lat_names)]:
+        for name, fn in methods[: len(lat_names)]:  # each method's queries back to back, as a server would
+            lat = []
+            for sl, h in singles:
                 t0 = time.perf_counter()
                 fn(sl, h)
-                lat[name].append(time.perf_counter() - t0)
-        for name in lat_names:
-            v = np.array(lat[name]) * 1e3
-            p50[name].append(np.percentile(v, 50))
-            p99[name].append(np.percentile(v, 99))
+                lat.append(time.perf_counter() - t0)
+            p50[name].append(np.percentile(np.array(lat) * 1e3, 50))
+            p99[name].append(np.percentile(np.array(lat) * 1e3, 99))
     print(f"\nsingle-query latency over {len(picks)} users (median of {args.repeat} rounds)")
     for name in lat_names:
         print(f"  {name:32s} p50 {np.median(p50[name]):7.3f} ms   p99 {np.median(p99[name]):7.3f} ms")
