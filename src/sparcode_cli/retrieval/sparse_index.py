@@ -159,6 +159,7 @@ class CodeIndex:
     max_per_code: int | None = None
     _depth: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _depth_done: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _depth_todo: int = field(default=-1, init=False, repr=False, compare=False)  # rows not yet filled
 
     def __post_init__(self) -> None:
         m = self.matrix
@@ -212,23 +213,27 @@ class CodeIndex:
     def row_of(self, code_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each global code id: (rows int64 with -1 where absent, found bool), same shape as input."""
         q = np.asarray(code_ids, dtype=np.int64)
-        pos = np.searchsorted(self.code_ids, q)
         if self.n_rows == 0:
             return np.full(q.shape, -1, dtype=np.int64), np.zeros(q.shape, dtype=bool)
-        found = self.code_ids[np.minimum(pos, self.n_rows - 1)] == q
-        return np.where(found, pos, -1).astype(np.int64), found
+        pos = np.searchsorted(self.code_ids, q).astype(np.int64, copy=False)
+        found = self.code_ids.take(pos, mode="clip") == q
+        pos[~found] = -1
+        return pos, found
 
     def _depths(self, rows: np.ndarray) -> np.ndarray:
         """(n_rows, len(_DEPTHS)) float32: row r's _DEPTHS[l]-th best score (0 where shorter), the bounds of
         retrieve's kernel; filled lazily (each row sorted once, when a query first uses it) and cached."""
         if self._depth is None:
+            self._depth_todo = self.n_rows
             self._depth = np.zeros((self.n_rows, len(_DEPTHS)), dtype=np.float32)
             self._depth_done = np.zeros(self.n_rows, dtype=bool)
-        todo = rows[~self._depth_done[rows]]
-        if len(todo):
-            todo = np.unique(todo)
-            _fill_depths(self.matrix.indptr, self.matrix.data, todo, self._depth)
-            self._depth_done[todo] = True
+        if self._depth_todo:
+            todo = rows[~self._depth_done[rows]]
+            if len(todo):
+                todo = np.unique(todo)
+                _fill_depths(self.matrix.indptr, self.matrix.data, todo, self._depth)
+                self._depth_done[todo] = True
+                self._depth_todo -= len(todo)
         return self._depth
 
     # ---- persistence
@@ -513,7 +518,7 @@ def retrieve(
     m = index.matrix
     o_ptr, o_idx, o_val = m.indptr[:1] * 0, m.indices[:0], m.data[:0]
     o_depth = np.zeros((0, len(_DEPTHS)), dtype=np.float32)
-    n_otf = int((~found.all(axis=1)).sum())
+    n_otf = 0 if found.all() else int((~found.all(axis=1)).sum())
     if n_otf:
         if on_the_fly is None:
             raise ValueError(
@@ -530,7 +535,7 @@ def retrieve(
     cand = np.empty((n_chunks, n_cols), dtype=np.int64)
     kernel = _topk_serial if n_chunks == 1 else _topk_parallel  # a parallel launch costs ~30 us
     kernel(
-        rows, index.n_rows, (m.indptr, m.indices, m.data, index._depths(rows[found])),
+        rows, index.n_rows, (m.indptr, m.indices, m.data, index._depths(rows[found] if n_otf else rows.ravel())),
         (o_ptr, o_idx, o_val, o_depth), (h_ptr, h_idx), min(k, n_cols - 1), acc, cand,
         (out.items, out.scores.view(np.int32), out.lengths),
     )  # fmt: skip
