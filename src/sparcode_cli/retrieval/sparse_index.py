@@ -533,9 +533,10 @@ def retrieve(
     n_chunks = max(1, min(_kernel_threads(), n_users))
     acc = np.zeros((n_chunks, n_cols), dtype=np.float32)
     cand = np.empty((n_chunks, n_cols), dtype=np.int64)
+    depth = index._depths(rows[found] if n_otf else rows.ravel())
     kernel = _topk_serial if n_chunks == 1 else _topk_parallel  # a parallel launch costs ~30 us
     kernel(
-        rows, index.n_rows, (m.indptr, m.indices, m.data, index._depths(rows[found] if n_otf else rows.ravel())),
+        rows, index.n_rows, (m.indptr, m.indices, m.data, depth),
         (o_ptr, o_idx, o_val, o_depth), (h_ptr, h_idx), min(k, n_cols - 1), acc, cand,
         (out.items, out.scores.view(np.int32), out.lengths),
     )  # fmt: skip
