@@ -62,6 +62,11 @@ def random_history(rng: np.random.Generator, n_users: int, n_items: int, max_len
     )
 
 
+def brute_topk(dense: np.ndarray, hist: Ragged | None, k: int) -> TopK:
+    """The reference lists: topk_dense of dense scores with the index's rule (scores <= 0 not retrieved)."""
+    return topk_dense(dense, hist, k, exclude_nonpositive=True)
+
+
 def assert_same(a: TopK, b: TopK) -> None:
     np.testing.assert_array_equal(a.lengths, b.lengths)
     np.testing.assert_array_equal(a.items, b.items)
@@ -78,7 +83,7 @@ def test_retrieve_equals_dense_topk(seed: int, k: int) -> None:
     user_codes = rng.integers(0, n_codes, size=(n_users, 3))
     hist = random_history(rng, n_users, n_items, max_len=30)
     got = retrieve(index, user_codes, hist, k)
-    want = topk_dense(dense_scores(capped(table, None), user_codes), hist, k, exclude_nonpositive=True)
+    want = brute_topk(dense_scores(capped(table, None), user_codes), hist, k)
     assert_same(got, want)
     assert got.n_on_the_fly_users == 0
     # one user per call (the single-query path) gives the same rows
@@ -124,9 +129,7 @@ def test_history_is_masked_csr_or_ragged() -> None:
     assert_same(a, b)
     for u in range(20):
         assert not set(a.row(u)[0]) & set(hist.row(u))
-    assert_same(
-        a, topk_dense(dense_scores(capped(table, None), user_codes), hist, 10, exclude_nonpositive=True)
-    )
+    assert_same(a, brute_topk(dense_scores(capped(table, None), user_codes), hist, 10))
 
 
 def test_long_histories_beyond_the_bound_table() -> None:
@@ -137,9 +140,7 @@ def test_long_histories_beyond_the_bound_table() -> None:
     user_codes = rng.integers(0, 6, size=(4, 2))
     hist = Ragged.from_lists([np.arange(1, 4500), np.arange(2, 200), [], np.arange(1, n_items + 1)])
     got = retrieve(index, user_codes, hist, k=7)
-    assert_same(
-        got, topk_dense(dense_scores(capped(table, None), user_codes), hist, 7, exclude_nonpositive=True)
-    )
+    assert_same(got, brute_topk(dense_scores(capped(table, None), user_codes), hist, 7))
     assert got.lengths[3] == 0
 
 
@@ -175,7 +176,7 @@ def test_codes_missing_from_the_index_are_scored_on_the_fly() -> None:
 
     hist = random_history(rng, len(user_codes), n_items, max_len=10)
     got = retrieve(index, user_codes, hist, 12, on_the_fly=score_codes)
-    want = topk_dense(dense_scores(capped(table, None), user_codes), hist, 12, exclude_nonpositive=True)
+    want = brute_topk(dense_scores(capped(table, None), user_codes), hist, 12)
     assert_same(got, want)
     assert got.n_on_the_fly_users == 11
     asked = np.concatenate(calls)
@@ -197,7 +198,7 @@ def test_max_per_code_equals_the_capped_dense_table(cap: int) -> None:
     user_codes = rng.integers(0, n_codes, size=(30, 4))  # odd codes are missing: on the fly, capped the same
     hist = random_history(rng, 30, n_items, max_len=8)
     got = retrieve(index, user_codes, hist, 6, on_the_fly=lambda c: table[c])
-    assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, 6, exclude_nonpositive=True))
+    assert_same(got, brute_topk(dense_scores(stored, user_codes), hist, 6))
 
 
 def test_chunked_build_equals_one_shot_and_any_chunk_order() -> None:
@@ -334,7 +335,7 @@ def test_long_rows_with_many_ties() -> None:
     stored = capped(table, None)
     for k in (1, 20, 3000):
         got = retrieve(index, user_codes, hist, k)
-        assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, k, exclude_nonpositive=True))
+        assert_same(got, brute_topk(dense_scores(stored, user_codes), hist, k))
 
 
 # --------------------------------------------------------------------------------------- the serving kernel
@@ -386,7 +387,7 @@ def test_kernel_equals_dense_topk_bit_for_bit(seed: int) -> None:
     index = build(table, built)
     got = retrieve(index, user_codes, hist, k, on_the_fly=lambda c: table[c])
     dense = summed_like_score_all(capped(table, None), user_codes)
-    assert_same(got, topk_dense(dense, hist, k, exclude_nonpositive=True))
+    assert_same(got, brute_topk(dense, hist, k))
     assert got.n_on_the_fly_users == int((~np.isin(user_codes, built)).any(axis=1).sum())
 
 
@@ -401,7 +402,7 @@ def test_scores_follow_ascending_code_order() -> None:
     want = summed_like_score_all(table, user_codes)
     other = table[user_codes].sum(axis=1, dtype=np.float32)  # the given order, a repeat added twice
     assert not np.array_equal(want[:, 1:], other[:, 1:])
-    assert_same(got, topk_dense(want, None, 399, exclude_nonpositive=True))
+    assert_same(got, brute_topk(want, None, 399))
 
 
 def test_history_masking_in_the_kernel() -> None:
@@ -443,9 +444,7 @@ def test_kernel_threads_give_identical_lists_and_leave_torch_alone() -> None:
             assert_same(one, two)
     finally:
         torch.set_num_threads(prev)
-    assert_same(
-        one, topk_dense(dense_scores(capped(table, None), user_codes), hist, 25, exclude_nonpositive=True)
-    )
+    assert_same(one, brute_topk(dense_scores(capped(table, None), user_codes), hist, 25))
 
 
 def test_depth_table_holds_each_rows_ranked_scores() -> None:
@@ -487,7 +486,7 @@ def test_floor_is_exact_with_ties_repeats_and_histories_on_the_best_items(scores
     hist = Ragged.from_lists(rows)
     for k in (1, 10, 50):
         got = retrieve(index, user_codes, hist, k)
-        assert_same(got, topk_dense(dense, hist, k, exclude_nonpositive=True))
+        assert_same(got, brute_topk(dense, hist, k))
 
 
 def test_ties_at_the_floor_are_kept() -> None:
