@@ -154,9 +154,8 @@ def test_sparse_index_equals_exact_scoring(bd: Board, tmp_path: Path) -> None:
         ref = exact_topk(art.model, ds, es.query, es.users, 50)
         np.testing.assert_array_equal(top.lengths, ref.lengths)
         np.testing.assert_array_equal(top.items, ref.items)
-        # Same lists, same scores. Users with an unbuilt code add its on-the-fly row in a different float32
-        # summation order, so their scores may differ in the last bit (never the order: items are equal above).
-        np.testing.assert_allclose(top.scores, ref.scores, rtol=1e-6, atol=0)
+        # same lists, same scores bit for bit (on-the-fly users too: their rows are added in code order)
+        np.testing.assert_array_equal(top.scores, ref.scores)
         assert overlap_at_k(top, ref, 20) == 1.0 and overlap_at_k(top, ref, 50) == 1.0
         for u in range(len(es.users)):  # history never returned
             assert not set(top.row(u)[0].tolist()) & set(es.query.row(u).tolist())
@@ -173,9 +172,8 @@ def test_codes_without_a_row_are_scored_on_the_fly(bd: Board) -> None:
     assert top.n_on_the_fly_users == int((~np.isin(enc, codes[::2])).any(axis=1).sum()) > 0
     ref = exact_topk(model, ds, ds.test.query, ds.test.users, 20)
     np.testing.assert_array_equal(top.items, ref.items)
-    # retrieve adds the on-the-fly rows' product to the index rows' product, in another order than score_all's
-    # ascending code ids, so these users' sums may differ in the last bit (see the report to the lead)
-    np.testing.assert_allclose(top.scores, ref.scores, rtol=1e-6)
+    # the kernel adds on-the-fly and index rows together in ascending code order, as score_all does
+    np.testing.assert_array_equal(top.scores, ref.scores)
 
 
 def test_max_per_code_equals_the_capped_table(bd: Board, tmp_path: Path) -> None:
@@ -196,7 +194,7 @@ def test_max_per_code_equals_the_capped_table(bd: Board, tmp_path: Path) -> None
     es = ds.test
     enc = encode_users(model, ds, es.query, es.users)
     dense = np.zeros((len(enc), table.shape[1]), dtype=np.float32)
-    for j in range(enc.shape[1]):  # sorted code order, as the sparse product adds them
+    for j in range(enc.shape[1]):  # sorted code order, as the kernel adds them
         dense += stored[enc[:, j]]
     ref = topk_dense(dense, es.query, 20, exclude_nonpositive=True)
     top = index_retrieve(art, enc, es.query, 20)

@@ -150,7 +150,7 @@ def test_score_all_is_the_sum_of_the_users_code_rows(kind: str) -> None:
         assert rows.shape == (len(uniq), ds.n_items + 1) and (rows[:, 0] == 0).all() and (rows >= 0).all()
         expect = torch.zeros_like(scores)
         for u in range(24):
-            for c in sorted(codes[u].tolist()):  # ascending code id, as a CSR Q @ index accumulates
+            for c in sorted(codes[u].tolist()):  # ascending code id, as the retrieve kernel adds
                 expect[u] += rows[int((uniq == c).nonzero())]
         expect[:, 0] = float("-inf")
         assert torch.equal(scores, expect)  # bit for bit: the index reproduces exact scoring

@@ -62,6 +62,11 @@ def random_history(rng: np.random.Generator, n_users: int, n_items: int, max_len
     )
 
 
+def brute_topk(dense: np.ndarray, hist: Ragged | None, k: int) -> TopK:
+    """The reference lists: topk_dense of dense scores with the index's rule (scores <= 0 not retrieved)."""
+    return topk_dense(dense, hist, k, exclude_nonpositive=True)
+
+
 def assert_same(a: TopK, b: TopK) -> None:
     np.testing.assert_array_equal(a.lengths, b.lengths)
     np.testing.assert_array_equal(a.items, b.items)
@@ -78,11 +83,13 @@ def test_retrieve_equals_dense_topk(seed: int, k: int) -> None:
     user_codes = rng.integers(0, n_codes, size=(n_users, 3))
     hist = random_history(rng, n_users, n_items, max_len=30)
     got = retrieve(index, user_codes, hist, k)
-    want = topk_dense(dense_scores(capped(table, None), user_codes), hist, k, exclude_nonpositive=True)
+    want = brute_topk(dense_scores(capped(table, None), user_codes), hist, k)
     assert_same(got, want)
     assert got.n_on_the_fly_users == 0
-    # tiny product batches (one user each) give the same answer
-    assert_same(retrieve(index, user_codes, hist, k, batch_entries=1), want)
+    # one user per call (the single-query path) gives the same rows
+    for u in range(0, n_users, 7):
+        one = retrieve(index, user_codes[u : u + 1], Ragged.from_lists([hist.row(u)]), k)
+        assert_same(one, TopK(want.items[u : u + 1], want.scores[u : u + 1], want.lengths[u : u + 1]))
 
 
 def test_ties_break_by_smaller_item_id() -> None:
@@ -122,9 +129,7 @@ def test_history_is_masked_csr_or_ragged() -> None:
     assert_same(a, b)
     for u in range(20):
         assert not set(a.row(u)[0]) & set(hist.row(u))
-    assert_same(
-        a, topk_dense(dense_scores(capped(table, None), user_codes), hist, 10, exclude_nonpositive=True)
-    )
+    assert_same(a, brute_topk(dense_scores(capped(table, None), user_codes), hist, 10))
 
 
 def test_long_histories_beyond_the_bound_table() -> None:
@@ -135,9 +140,7 @@ def test_long_histories_beyond_the_bound_table() -> None:
     user_codes = rng.integers(0, 6, size=(4, 2))
     hist = Ragged.from_lists([np.arange(1, 4500), np.arange(2, 200), [], np.arange(1, n_items + 1)])
     got = retrieve(index, user_codes, hist, k=7)
-    assert_same(
-        got, topk_dense(dense_scores(capped(table, None), user_codes), hist, 7, exclude_nonpositive=True)
-    )
+    assert_same(got, brute_topk(dense_scores(capped(table, None), user_codes), hist, 7))
     assert got.lengths[3] == 0
 
 
@@ -173,7 +176,7 @@ def test_codes_missing_from_the_index_are_scored_on_the_fly() -> None:
 
     hist = random_history(rng, len(user_codes), n_items, max_len=10)
     got = retrieve(index, user_codes, hist, 12, on_the_fly=score_codes)
-    want = topk_dense(dense_scores(capped(table, None), user_codes), hist, 12, exclude_nonpositive=True)
+    want = brute_topk(dense_scores(capped(table, None), user_codes), hist, 12)
     assert_same(got, want)
     assert got.n_on_the_fly_users == 11
     asked = np.concatenate(calls)
@@ -195,7 +198,7 @@ def test_max_per_code_equals_the_capped_dense_table(cap: int) -> None:
     user_codes = rng.integers(0, n_codes, size=(30, 4))  # odd codes are missing: on the fly, capped the same
     hist = random_history(rng, 30, n_items, max_len=8)
     got = retrieve(index, user_codes, hist, 6, on_the_fly=lambda c: table[c])
-    assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, 6, exclude_nonpositive=True))
+    assert_same(got, brute_topk(dense_scores(stored, user_codes), hist, 6))
 
 
 def test_chunked_build_equals_one_shot_and_any_chunk_order() -> None:
@@ -321,8 +324,8 @@ def test_overlap_at_k() -> None:
     np.testing.assert_allclose(a.to_ragged().values, [1, 2, 3, 4, 5, 7])
 
 
-def test_pruning_bound_is_exact_on_long_rows_with_many_ties() -> None:
-    # rows of ~600 entries with 16 distinct values: the lower bound prunes most entries and lands on ties
+def test_long_rows_with_many_ties() -> None:
+    # rows of ~600 entries with 16 distinct values: most of the top-k heap's decisions are ties
     rng = np.random.default_rng(21)
     n_codes, n_items, n_users = 40, 2000, 50
     table = dyadic_table(rng, n_codes, n_items, density=0.3)
@@ -331,18 +334,171 @@ def test_pruning_bound_is_exact_on_long_rows_with_many_ties() -> None:
     hist = random_history(rng, n_users, n_items, max_len=60)
     stored = capped(table, None)
     for k in (1, 20, 3000):
-        got = retrieve(index, user_codes, hist, k, batch_entries=5000)
-        assert_same(got, topk_dense(dense_scores(stored, user_codes), hist, k, exclude_nonpositive=True))
+        got = retrieve(index, user_codes, hist, k)
+        assert_same(got, brute_topk(dense_scores(stored, user_codes), hist, k))
 
 
-def test_three_key_sort_fallback_gives_the_same_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+# --------------------------------------------------------------------------------------- the serving kernel
+def summed_like_score_all(stored: np.ndarray, user_codes: np.ndarray) -> np.ndarray:
+    """SparCode.score_all's float32 sums in numpy: from 0, each distinct code in ascending id order adds
+    count x its row (a product rounded, then a sum rounded)."""
+    srt = np.sort(user_codes, axis=1)
+    out = np.zeros((len(srt), stored.shape[1]), dtype=np.float32)
+    for p in range(srt.shape[1]):
+        col = srt[:, p]
+        first = np.ones(len(col), dtype=bool) if p == 0 else col != srt[:, p - 1]
+        count = (srt == col[:, None]).sum(axis=1).astype(np.float32)
+        out += np.where(first[:, None], count[:, None] * stored[col], np.float32(0))
+    return out
+
+
+def random_case(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Ragged, int]:
+    """A random table (continuous scores, a few tied ones, some empty rows), the built codes (most of them),
+    user codes with repeats, and histories up to nearly every item; k from 1 to past the candidate count."""
+    rng = np.random.default_rng(seed)
+    n_codes, n_items = int(rng.integers(1, 25)), int(rng.integers(1, 150))
+    density = float(rng.choice([0.02, 0.1, 0.4, 0.9]))
+    table = (rng.standard_normal((n_codes, n_items + 1)) + _quantile(density)).astype(np.float32)
+    table[rng.random(table.shape) < 0.1] = 0.75  # ties
+    table[rng.random(n_codes) < 0.2] = -1.0  # empty rows
+    built = np.flatnonzero(rng.random(n_codes) < 0.8)
+    n_users, k_u = int(rng.integers(1, 40)), int(rng.integers(1, 7))
+    user_codes = rng.integers(0, n_codes, size=(n_users, k_u))
+    # repeated codes (count 2 or 3): added once, as count x row, at the code's place in ascending order
+    rep = rng.random(n_users) < 0.3
+    user_codes[rep, -1] = user_codes[rep, 0]
+    if k_u > 2:
+        user_codes[rep, -2] = user_codes[rep, 0]
+    max_len = int(rng.choice([0, 5, n_items]))
+    hist = random_history(rng, n_users, n_items, max_len=max_len)
+    k = int(rng.choice([1, 3, 17, 500]))
+    return table, built, user_codes, hist, k
+
+
+def _quantile(density: float) -> float:
+    from statistics import NormalDist
+
+    return -NormalDist().inv_cdf(1.0 - density)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_kernel_equals_dense_topk_bit_for_bit(seed: int) -> None:
+    table, built, user_codes, hist, k = random_case(seed)
+    index = build(table, built)
+    got = retrieve(index, user_codes, hist, k, on_the_fly=lambda c: table[c])
+    dense = summed_like_score_all(capped(table, None), user_codes)
+    assert_same(got, brute_topk(dense, hist, k))
+    assert got.n_on_the_fly_users == int((~np.isin(user_codes, built)).any(axis=1).sum())
+
+
+def test_scores_follow_ascending_code_order() -> None:
+    """Continuous scores: another summation order changes last bits, so equality here pins the order."""
+    rng = np.random.default_rng(7)
+    table = rng.random((6, 400)).astype(np.float32) * np.float32(1e3) + np.float32(1e-3)
+    table[:, 0] = 0
+    index = build(table, np.arange(6))
+    user_codes = np.array([[5, 2, 4, 2], [3, 1, 0, 1], [4, 4, 4, 0]])
+    got = retrieve(index, user_codes, None, k=399)
+    want = summed_like_score_all(table, user_codes)
+    other = table[user_codes].sum(axis=1, dtype=np.float32)  # the given order, a repeat added twice
+    assert not np.array_equal(want[:, 1:], other[:, 1:])
+    assert_same(got, brute_topk(want, None, 399))
+
+
+def test_history_masking_in_the_kernel() -> None:
+    table = np.zeros((2, 9), dtype=np.float32)
+    table[0, [1, 2, 3, 4]] = [4.0, 3.0, 2.0, 1.0]
+    table[1, [4, 5]] = [0.5, 0.5]
+    index = build(table, np.array([0, 1]))
+    # unsorted and repeated ids, item 0 and items no code reaches are harmless
+    hist = Ragged.from_lists([[3, 1, 3, 0, 8], [], [1, 2, 3, 4, 5]])
+    top = retrieve(index, np.array([[0, 1], [0, 1], [0, 1]]), hist, k=4)
+    np.testing.assert_array_equal(top.items, [[2, 4, 5, 0], [1, 2, 3, 4], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(top.scores[0, :3], [3.0, 1.5, 0.5])
+    np.testing.assert_array_equal(top.lengths, [3, 4, 0])
+    assert_same(top, retrieve(index, np.array([[0, 1]] * 3), hist.to_csr(9), k=4))
+    with pytest.raises(ValueError, match="history item ids"):
+        retrieve(index, np.array([[0, 1]]), Ragged.from_lists([[9]]), k=4)
+
+
+def test_kernel_threads_give_identical_lists_and_leave_torch_alone() -> None:
+    """Same lists at 1 and 2 numba threads (the kernel follows torch's count); numba's "omp" layer once reset
+    the caller's OpenMP count, so torch must keep the count it was set to."""
+    import numba
+    import torch
+
+    rng = np.random.default_rng(13)
+    table = dyadic_table(rng, 30, 500, density=0.2)
+    index = build(table, np.arange(30))
+    user_codes = rng.integers(0, 30, size=(101, 4))
+    hist = random_history(rng, 101, 500, max_len=40)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = retrieve(index, user_codes, hist, 25)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        if numba.config.NUMBA_NUM_THREADS >= 2:
+            torch.set_num_threads(2)
+            two = retrieve(index, user_codes, hist, 25)
+            assert torch.get_num_threads() == 2 and numba.get_num_threads() == 2
+            assert_same(one, two)
+    finally:
+        torch.set_num_threads(prev)
+    assert_same(one, brute_topk(dense_scores(capped(table, None), user_codes), hist, 25))
+
+
+def test_depth_table_holds_each_rows_ranked_scores() -> None:
     import sparcode_cli.retrieval.sparse_index as si
 
-    rng = np.random.default_rng(12)
-    table = dyadic_table(rng, 20, 300, density=0.3)
-    index = build(table, np.arange(20))
-    user_codes = rng.integers(0, 20, size=(30, 3))
-    hist = random_history(rng, 30, 300, max_len=20)
-    want = retrieve(index, user_codes, hist, 9)
-    monkeypatch.setattr(si, "_KEY_BITS", 0)
-    assert_same(retrieve(index, user_codes, hist, 9), want)
+    rng = np.random.default_rng(17)
+    n_items = 1500
+    table = dyadic_table(rng, 5, n_items, density=0.9)
+    table[1, 20:] = -1.0  # 19 entries: shorter than every depth
+    table[2] = -1.0  # empty
+    index = build(table, np.arange(5))
+    got = index._depths(np.array([3, 0, 3, 1, 2, 4]))
+    for r in range(5):
+        desc = np.sort(index.matrix[r].data)[::-1]
+        want = [desc[d - 1] if d <= len(desc) else 0 for d in si._DEPTHS]
+        np.testing.assert_array_equal(got[r], want)
+
+
+@pytest.mark.parametrize("scores", ["dyadic", "continuous"])
+def test_floor_is_exact_with_ties_repeats_and_histories_on_the_best_items(scores: str) -> None:
+    """Rows long enough for every depth level: the kernel ranks only entries at or above a per-user floor.
+    Ties sit at the floor (dyadic), codes repeat (count x the row's depth score), and histories cover the
+    users' best items, up to past the deepest level (no floor then)."""
+    rng = np.random.default_rng(23)
+    n_codes, n_items, n_users = 12, 3000, 40
+    if scores == "dyadic":
+        table = dyadic_table(rng, n_codes, n_items, density=0.5)
+    else:
+        table = (rng.standard_normal((n_codes, n_items + 1)) + 0.2).astype(np.float32)
+    index = build(table, np.arange(n_codes))
+    user_codes = rng.integers(0, n_codes, size=(n_users, 4))
+    user_codes[::3, 1] = user_codes[::3, 0]  # repeated codes
+    dense = summed_like_score_all(capped(table, None), user_codes)
+    lengths = [0, 5, 40, 300, 1100]  # 1100 + k is past the deepest level
+    rows = []
+    for u in range(n_users):
+        best = np.argsort(-dense[u], kind="stable")
+        rows.append(best[: lengths[u % len(lengths)]] if u % 2 else rng.permutation(best[:2000])[:80])
+    hist = Ragged.from_lists(rows)
+    for k in (1, 10, 50):
+        got = retrieve(index, user_codes, hist, k)
+        assert_same(got, brute_topk(dense, hist, k))
+
+
+def test_ties_at_the_floor_are_kept() -> None:
+    # 200 items tie at 0.5, so a row's 32nd-best score, the floor of a k=10 query, is 0.5 itself
+    table = np.zeros((2, 301), dtype=np.float32)
+    table[0, 101:301] = 0.5
+    table[0, [7, 3]] = [2.0, 1.0]
+    table[1, 1:301] = 0.25
+    index = build(table, np.array([0, 1]))
+    top = retrieve(index, np.array([[0], [0]]), Ragged.from_lists([[], [101, 3]]), k=10)
+    np.testing.assert_array_equal(top.items[0], [7, 3, *range(101, 109)])
+    np.testing.assert_array_equal(top.items[1], [7, *range(102, 111)])
+    top = retrieve(index, np.array([[1, 1]]), None, k=10)  # count x the 32nd best: 2 x 0.25, every item
+    np.testing.assert_array_equal(top.items[0], range(1, 11))
+    np.testing.assert_array_equal(top.scores[0], np.full(10, 0.5, dtype=np.float32))

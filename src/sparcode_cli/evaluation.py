@@ -14,7 +14,7 @@ apart), retrieves K = max(ks) items per user with their query history masked, an
   search over the same item vectors;
 - cost: batch QPS over all users (retrieval only, best of up to 3 passes; encoding reported apart),
   single-query latency p50 / p99 of `latency_queries` one-user retrievals (encoding excluded; its own p50 reported apart), each at 1 thread and
-  at `threads` (torch + Faiss OpenMP; scipy's sparse product is single-threaded either way); index bytes,
+  at `threads` (torch + Faiss OpenMP; the sparse index's numba kernel takes torch's count); index bytes,
   nnz, density, mean list length, users served on the fly (codes without an index row).
 
 `evaluate_run` ranks every item with the model's `score_all` (popularity, all-to-all, or any model), so all
@@ -529,7 +529,7 @@ def _timing_fields(
             "batch QPS and latency include query encoding (brute-force score_all)"
             if includes_encoding
             else "batch QPS and latency are retrieval only; query encoding is reported apart (encode_*); "
-            "scipy's sparse product is single-threaded at any thread count"
+            "the sparse index's kernel runs at torch's thread count"
         ),
     }
 
