@@ -34,7 +34,8 @@ it as the best checkpoint unless a trained epoch does better on validation.
 
 Serving: g sees the user only through its code ids, so the scores form a fixed (n_codes, n_items + 1)
 table. `score_codes` computes its rows (what `sparcode index` stores); `score_all` adds a user's K_u rows
-in the order a canonical CSR `Q @ index` product does, so the index gives exact model scores bit for bit.
+in ascending code-id order (count x row for a repeated code), as the index's serving kernel does
+(retrieval/sparse_index.py), so the index gives exact model scores bit for bit.
 A score of exactly 0 means "not retrieved".
 
 Why the model has this form (the alternatives and their measurements): experiments/results/
@@ -278,8 +279,8 @@ class SparCode(TokenCross):
     @torch.no_grad()
     def score_all(self, q: QueryBatch) -> Tensor:
         """Exact model scores (B, n_items + 1), column 0 = -inf: the sum of the score_codes rows of each user's
-        K_u codes, accumulated in ascending code-id order (count x row for a repeated code), as a canonical
-        CSR `Q @ index` product does, so the index reproduces these numbers exactly."""
+        K_u codes, accumulated in ascending code-id order (count x row for a repeated code), as the sparse
+        index's serving kernel does, so the index reproduces these numbers exactly."""
         codes = self.codes(q)  # (B, K_u)
         uniq, inv = torch.unique(codes, return_inverse=True)  # uniq sorted
         rows = self._cached_rows(uniq)  # (U, n_items + 1)
