@@ -28,7 +28,7 @@ RECIPE = [
     "model.user_id=true",
     "model.hidden=0",
     "model.dropout=0.0",
-    "model.temperature=0.05",
+    "model.temperature=0.1",
     "train.negatives=uniform",
     "train.n_negatives=1024",
     "train.batch_size=1024",
@@ -37,7 +37,7 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("recipe", []),
     ("no user-ID embedding", ["model.user_id=false"]),
     ("MLP towers (hidden 128)", ["model.hidden=128"]),
-    ("temperature 0.1", ["model.temperature=0.1"]),
+    ("temperature 0.05", ["model.temperature=0.05"]),
     ("256 uniform negatives", ["train.n_negatives=256"]),
     (
         "default negatives (mixed 256, logQ) and batch 512",

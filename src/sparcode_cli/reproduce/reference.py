@@ -39,8 +39,9 @@ BARS_GOWALLA = {
         "BARS ranks all items for every test user with the user's training items masked, on the published "
         "split (no validation set carved out). Ours on `gowalla` uses the same split and the same masking, "
         "but carves a seeded 10% of each user's training items out as validation (so models train on 90%), "
-        "encodes users from their item history (no user-ID embedding), and, where the matrix sets "
-        "eval_users, scores a fixed seeded sample of test users rather than all of them."
+        "encodes users from their item history plus a user-ID embedding (the matrix's gowalla recipe), "
+        "trains for minutes on 2 CPU cores, and, where the matrix sets eval_users, scores a fixed seeded "
+        "sample of test users rather than all of them."
     ),
 }
 
