@@ -91,7 +91,8 @@ def main() -> None:
     sc = str(Path(sys.executable).parent / "sparcode")
     subprocess.run([sc, "download", "gowalla", "--mirror", a.mirror], check=True, stdout=sys.stderr)
     out = subprocess.run([sc, "preprocess", "gowalla"], check=True, capture_output=True, text=True).stdout
-    data = next(line.split()[-1] for line in out.splitlines() if line.startswith("wrote "))
+    # "wrote FOLDER" when it preprocessed now, "reusing FOLDER (...)" when an identical folder exists
+    data = next(line.split()[1] for line in out.splitlines() if line.startswith(("wrote ", "reusing ")))
     chosen = VARIANTS if a.only is None else [VARIANTS[int(i)] for i in a.only.split(",")]
     jobs = [(n, overrides(c, a.epochs), a.runs, data) for n, c in chosen]
     t0 = time.time()
