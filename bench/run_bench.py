@@ -37,16 +37,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--datasets", default="movielens-100k,gowalla")
     ap.add_argument("--mirror", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1)
-    # the `make reproduce-full` budgets (experiments/reproduce.toml), so the bench and the full matrix share runs
-    ap.add_argument(
-        "--two-tower-steps",
-        default="movielens-100k=1000,gowalla=4000",
-        help="N for every dataset, or name=N,... (Gowalla's 41k items need more: 400 steps left its users in 2 "
-        "directions and below popularity)",
-    )
-    # past SparCode's 300-step density warm-up: checkpoints are only selected at the final density
-    ap.add_argument("--sparcode-steps", type=int, default=400)
-    ap.add_argument("--all-to-all-steps", type=int, default=400, help="0 = no all-to-all record")
+    # every run's settings (budgets, a dataset's own recipe) are those of `make reproduce-full`'s seed-0 dnn / mlp
+    # runs in experiments/reproduce.toml, so the bench and the full matrix share runs
+    ap.add_argument("--no-all-to-all", action="store_true", help="skip the all-to-all record")
     ap.add_argument(
         "--runs",
         type=Path,
@@ -95,20 +88,18 @@ def main() -> None:
         f"datasets {args.datasets}, mirror {args.mirror}"
     )
 
-    def steps_for(dataset: str) -> int:
-        spec = args.two_tower_steps.strip()
-        if "=" not in spec:
-            return int(spec)
-        table = dict(part.split("=", 1) for part in spec.split(",") if part.strip())
-        if dataset not in table:
-            raise SystemExit(f"--two-tower-steps gives no budget for {dataset!r}: {spec}")
-        return int(table[dataset])
+    from sparcode_cli.reproduce.matrix import expand
 
-    def ensure_run(ds, model: str, steps: int, init_from: Path | None = None) -> tuple[Path, float]:
-        # the reproduce matrices' settings (train.epochs=1000: the step budget decides), so run ids match theirs
-        over = ["train.epochs=1000", "train.seed=0", f"train.threads={args.threads}"]
-        if steps:
-            over.append(f"train.max_steps={steps}")
+    def matrix_overrides(dataset: str, model: str) -> list[str]:
+        """The --set list `make reproduce-full` trains `model` with on `dataset` (seed 0, dnn, mlp)."""
+        for t in expand("reproduce-full", datasets=[dataset]).trains:
+            main_run = t.seed == 0 and not t.variant and t.interaction in (None, "mlp")
+            if t.model == model and main_run and t.encoder in (None, "dnn"):
+                return list(t.overrides)
+        raise SystemExit(f"reproduce-full has no seed-0 dnn/mlp {model} run on {dataset}")
+
+    def ensure_run(ds, dataset: str, model: str, init_from: Path | None = None) -> tuple[Path, float]:
+        over = [*matrix_overrides(dataset, model), f"train.threads={args.threads}"]
         cfg = load_config(model, overrides=over)
         ident = ds.data_hash
         if init_from is not None:
@@ -122,7 +113,7 @@ def main() -> None:
             if ck.get("status") in ("finished", "max-steps", "early-stopped", "fitted"):
                 console.print(f"  reusing {run_dir.name} ({ck['step']} steps, {ck['train_time_s']:.1f} s)")
                 return run_dir, float(ck["train_time_s"])
-        console.print(f"  training {model} for {steps} steps ...")
+        console.print(f"  training {model} ({' '.join(over)}) ...")
         res = train(
             ds,
             cfg,
@@ -151,8 +142,8 @@ def main() -> None:
         console.print(f"[bold]{name}[/]")
         ds = load_dataset(prepare(name, mirror=args.mirror, progress=False))
         console.print(f"  {ds.n_users:,} users, {ds.n_items:,} items, {len(ds.test.users):,} test users")
-        tt_run, tt_s = ensure_run(ds, "two-tower", steps_for(name))
-        sc_run, sc_s = ensure_run(ds, "sparcode", args.sparcode_steps, init_from=tt_run)
+        tt_run, tt_s = ensure_run(ds, name, "two-tower")
+        sc_run, sc_s = ensure_run(ds, name, "sparcode", init_from=tt_run)
         out = args.work / "out" / name
         builds = [
             ("sparcode-index", sc_run, {"codes": "reached"}, tt_s + sc_s),
@@ -160,9 +151,9 @@ def main() -> None:
             ("faiss-flat", tt_run, {"faiss_kind": "flat"}, tt_s),
             ("faiss-hnsw", tt_run, {"faiss_kind": "hnsw"}, tt_s),
         ]
-        exact = [("popularity", ensure_run(ds, "popularity", 0)[0], 0.0)]
-        if args.all_to_all_steps > 0:
-            a2a_run, a2a_s = ensure_run(ds, "all-to-all", args.all_to_all_steps, init_from=tt_run)
+        exact = [("popularity", ensure_run(ds, name, "popularity")[0], 0.0)]
+        if not args.no_all_to_all:
+            a2a_run, a2a_s = ensure_run(ds, name, "all-to-all", init_from=tt_run)
             exact.append(("all-to-all (brute force)", a2a_run, tt_s + a2a_s))
         by: dict[str, dict] = {}
         jobs = [(r, run, opts, s, True) for r, run, opts, s in builds]
@@ -289,9 +280,8 @@ def markdown(records: list[dict], args: argparse.Namespace, total_s: float) -> s
         f"{total_s / 60:.1f} min in all. Test split, full ranking with history masked, every test user. QPS: batch "
         "queries per second, retrieval only (indexes) or encoding + scoring every item (brute force); p50/p99: "
         "single-query latency. Build s: the index build (SparCode: scoring and cutting every (code, item) pair "
-        "of the built codes). Training budgets: `make reproduce-full`'s (two-tower "
-        f"{args.two_tower_steps}; SparCode {args.sparcode_steps} and all-to-all {args.all_to_all_steps} steps "
-        "after the two-tower warm start).",
+        "of the built codes). Training: `make reproduce-full`'s seed-0 dnn/mlp runs, same budgets and per-dataset "
+        "recipes (experiments/reproduce.toml), SparCode and all-to-all warm-started from the two-tower.",
         "",
         f"Code: commit {first.get('git_commit')}, code digest {first.get('code_digest')}; every run trained by "
         "that code (a run folder made by other code is set aside, never reused).",
