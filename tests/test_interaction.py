@@ -172,6 +172,23 @@ def test_score_all_is_the_sum_of_the_users_code_rows(kind: str) -> None:
         )
 
 
+def test_the_row_cache_over_budget_still_serves_every_row_of_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch whose new rows overflow the cache keeps the cached rows it reads (it raised KeyError on Gowalla
+    with 65,536 codes: the cache was cleared, then read for rows of the same batch)."""
+    model, ds = small_model("sparcode", "model.density_warmup=0", "model.n_codewords=8")
+    _train_a_little(model, ds)
+    row_bytes = (ds.n_items + 1) * 4
+    monkeypatch.setattr(model, "ROW_CACHE_BYTES", 4 * row_bytes)
+    with torch.inference_mode():
+        model._cached_rows(torch.tensor([0, 1, 2]))
+        batch = torch.tensor([1, 2, 3, 4])  # two cached rows, two new ones: 5 rows would overflow 4
+        rows = model._cached_rows(batch)
+        assert torch.equal(rows, model.score_codes(batch))
+        assert sorted(model._row_cache) == [1, 2, 3, 4]
+
+
 def test_all_to_all_score_all_is_the_sum_over_tokens() -> None:
     model, ds = small_model("all-to-all")
     _train_a_little(model, ds)

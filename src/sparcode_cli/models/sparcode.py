@@ -311,7 +311,10 @@ class SparCode(TokenCross):
             fresh = self.score_codes(torch.tensor(missing, dtype=torch.long, device=uniq.device))
             row_bytes = fresh.shape[1] * fresh.element_size()
             if (len(cache) + len(missing)) * row_bytes > self.ROW_CACHE_BYTES:
-                cache.clear()  # over budget: keep only this batch's rows
+                # over budget: keep only this batch's rows (the cached ones it reads too)
+                kept = {c: cache[c] for c in ids if c in cache}
+                cache.clear()
+                cache.update(kept)
             cache.update(zip(missing, fresh, strict=True))
         return torch.stack([cache[c] for c in ids])
 
