@@ -28,11 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# numba's default "omp" threading layer shares torch's libgomp and, on its first parallel launch, sets the
-# OpenMP thread count of the calling thread to NUMBA_NUM_THREADS: torch then ran 2 threads where it was set to
-# 1, and two 1-thread training workers spun 4 OpenMP threads on 2 cores (5x slower). numba's own pool does not
-# touch OpenMP; set before any kernel runs.
-numba.config.THREADING_LAYER = "workqueue"
+from sparcode_cli.numba_threads import sync_numba_threads
 
 _ITEM_BLOCK = 256  # items per block: 256 x (K_i x H + D) floats (~128 KiB at K_i 2, H 32, D 64) stay in L2
 
@@ -70,10 +66,6 @@ def _table(
                 out[c, i] = dc * scale + hc
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
 def _np(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
@@ -83,7 +75,7 @@ def split_mlp_table(a: Tensor, b: Tensor, w: Tensor, z: Tensor, t: Tensor, tau: 
     (C, I) = <z, t> / tau + sum_j <w, ReLU(a + b_j)>, float32, on the CPU; no autograd."""
     a_np, z_np = _np(a), _np(z)
     out = np.empty((a_np.shape[0], b.shape[0]), dtype=np.float32)
-    _threads()
+    sync_numba_threads()
     _table(a_np, _np(b), _np(w), z_np, _np(t), 1.0 / float(tau), out)
     return torch.from_numpy(out).to(a.device)
 
@@ -139,7 +131,7 @@ def row_cut(g: Tensor, density: float, bias: float, eps: float) -> Tensor:
     round(density x n) items (at least 1), ReLU((g - theta) / s + bias), column 0 set to 0. Returns g."""
     n = g.shape[1] - 1
     keep = max(1, round(density * n))
-    _threads()
+    sync_numba_threads()
     _row_cut(g.numpy(), keep, float(bias), float(eps))
     return g
 

@@ -30,7 +30,6 @@ equal `topk_dense` of them. Codes without a row are scored on the fly into a sid
 
 from __future__ import annotations
 
-import sys
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,13 +42,11 @@ import scipy.sparse as sp
 from sparcode_cli.atomic import atomic_path
 from sparcode_cli.data.dataset import Ragged
 from sparcode_cli.errors import UserError
+from sparcode_cli.numba_threads import sync_numba_threads
 
 INDEX_FILE = "index.npz"
 CODES_FILE = "index_codes.npz"
 REBUILD_HINT = "Rebuild it with `sparcode index`."
-
-# numba's own pool, not OpenMP: see models/fused_table.py (the "omp" layer reset torch's thread count)
-numba.config.THREADING_LAYER = "workqueue"
 
 History = sp.spmatrix | sp.sparray | Ragged | None
 OnTheFly = Callable[[np.ndarray], np.ndarray]
@@ -474,15 +471,6 @@ def _history_arrays(history: History, n_users: int, n_cols: int) -> tuple[np.nda
     return h.indptr.astype(np.int64), h.indices.astype(np.int64)
 
 
-def _kernel_threads() -> int:
-    """numba threads for the kernel: torch's intra-op count when torch is loaded (what `faiss_index.threads`
-    and the evaluation set), else numba's current setting."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    return int(numba.get_num_threads())
-
-
 def retrieve(
     index: CodeIndex,
     user_codes: np.ndarray,
@@ -530,7 +518,7 @@ def retrieve(
         o_ptr, o_idx, o_val = o.indptr.astype(m.indptr.dtype), o.indices.astype(m.indices.dtype), o.data
         o_depth = otf._depths(np.arange(otf.n_rows))
     h_ptr, h_idx = _history_arrays(history, n_users, n_cols)
-    n_chunks = max(1, min(_kernel_threads(), n_users))
+    n_chunks = max(1, min(sync_numba_threads(), n_users))
     acc = np.zeros((n_chunks, n_cols), dtype=np.float32)
     cand = np.empty((n_chunks, n_cols), dtype=np.int64)
     depth = index._depths(rows[found] if n_otf else rows.ravel())
