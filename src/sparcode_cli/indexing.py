@@ -58,9 +58,8 @@ NO_INDEX_HINT = "Evaluate it by brute force instead: sparcode eval --run {run}"
 DEFAULT_BUDGET_MB = 4096.0
 CHUNK_BYTES = 64 << 20  # dense score block per build chunk
 SAMPLE_CODES = 64  # codes scored first to measure the density for the size estimate
-AUTO_ALL_PAIRS = (
-    1 << 28
-)  # codes="auto": the whole universe up to this many (code, item) pairs (a few s to build)
+# codes="auto": the whole universe up to this many (code, item) pairs (a few s to build)
+AUTO_ALL_PAIRS = 1 << 28
 CODE_CHOICES = ("auto", "reached", "all")
 ENCODE_BATCH = 1024
 

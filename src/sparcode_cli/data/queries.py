@@ -1,6 +1,7 @@
 """Queries: what every model reads about a user (the last L history items, most recent last, the user
-features and the user id, which only a model with `user_id = true` reads). Built here for training (the sampler), the warm start, the index (reached codes), evaluation and
-serving alike, so every layer reads the same window of the same history."""
+features and the user id, which only a model with `user_id = true` reads). Built here for training (the
+sampler), the warm start, the index (reached codes), evaluation and serving alike, so every layer reads the
+same window of the same history."""
 
 from __future__ import annotations
 

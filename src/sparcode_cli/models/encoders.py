@@ -1,8 +1,9 @@
 """Shared encoders: the item encoder (id + genres + year) and the query encoders (`dnn`, `sasrec`, `gru4rec`).
 
 Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
-`hidden` (MLP hidden size; 0: one linear layer), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"), `sasrec_layers`,
-`sasrec_heads`, `gru_layers`, `max_history` (L), `user_id` (a user-ID embedding in every query encoder).
+`hidden` (MLP hidden size; 0: one linear layer), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"),
+`sasrec_layers`, `sasrec_heads`, `gru_layers`, `max_history` (L), `user_id` (a user-ID embedding in every query
+encoder).
 """
 
 from __future__ import annotations
@@ -94,9 +95,8 @@ class DNNQueryEncoder(nn.Module):
     """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP."""
 
     order_aware = False
-    weight_keys: tuple[
-        str, ...
-    ] = ()  # config keys (besides dim / emb_dim / hidden / user_id) that shape weights
+    # config keys (besides dim / emb_dim / hidden / user_id) that shape the weights
+    weight_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
