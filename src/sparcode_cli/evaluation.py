@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,11 +39,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, write_json
 from sparcode_cli.data.dataset import Dataset, EvalSplit, Ragged
 from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.errors import UserError
 from sparcode_cli.indexing import (
+    ENCODE_BATCH,
     MANIFEST,
     MANIFEST_FORMAT,
     QUERY_ENCODER,
@@ -224,6 +227,91 @@ def exact_topk(
     return out
 
 
+# ------------------------------------------------------------------------------------------------ torchrun
+def gather_topk(n: int, block: int, topk_of: Callable[[np.ndarray], TopK]) -> TopK:
+    """Under torchrun: each rank computes `topk_of(rows)` for its contiguous range of whole blocks of `block`
+    users (so every block is the one one process would score), and every rank gets all n users' lists."""
+    lo, hi = dd.shard(-(-n // block))
+    rows = np.arange(lo * block, min(hi * block, n), dtype=np.int64)
+    mine = dd.agreed(lambda: topk_of(rows))
+    parts = dd.all_gather_object(mine)
+    return TopK(
+        np.concatenate([p.items for p in parts]),
+        np.concatenate([p.scores for p in parts]),
+        np.concatenate([p.lengths for p in parts]),
+        sum(p.n_on_the_fly_users for p in parts),
+    )
+
+
+def _sharded_index_eval(
+    art: Artifact,
+    ds: Dataset,
+    es: EvalSplit,
+    ks: tuple[int, ...],
+    folder: Path,
+    save_topk: str | Path | None,
+    write: bool,
+    t_start: float,
+) -> dict[str, Any] | None:
+    """`sparcode eval --index` under torchrun: the users' retrieval sharded over the ranks, the metrics of all
+    of them; no timing (a rate measured while other ranks share the machine would mislead: measure with one
+    process)."""
+    kmax = max(ks)
+
+    def retrieve_rows(rows: np.ndarray) -> TopK:
+        enc = encode_users(art.model, ds, es.query, es.users[rows], rows=rows)
+        return index_retrieve(art, enc, take_rows(es.query, rows), kmax)
+
+    top = gather_topk(len(es.users), ENCODE_BATCH, retrieve_rows)
+    res = metrics_from_topk(top.items, es.targets, ks, users=es.users, lengths=top.lengths)
+    m = art.manifest
+    out = {
+        "retriever": art.retriever,
+        "model": m["model"],
+        "kind": m["kind"],
+        "run_id": m.get("run_id"),
+        "index_dir": str(folder.resolve()),
+    }
+    out.update(
+        {k: m.get(k) for k in ("index_bytes", "nnz", "density", "n_codes_built", "build_s", "pairs_per_s")}
+    )
+    out["users_on_the_fly"] = int(top.n_on_the_fly_users)
+    return _sharded_finish(out, res, top, ds, es, ks, folder, save_topk, write, t_start)
+
+
+def _sharded_finish(
+    out: dict[str, Any],
+    res: Any,
+    top: TopK,
+    ds: Dataset,
+    es: EvalSplit,
+    ks: tuple[int, ...],
+    folder: Path,
+    save_topk: str | Path | None,
+    write: bool,
+    t_start: float,
+) -> dict[str, Any] | None:
+    """Rank 0 writes what a sharded evaluation found; the other ranks return None."""
+    if not dd.is_main():
+        return None
+    out = {
+        **out,
+        "dataset": ds.name,
+        "data_hash": ds.data_hash,
+        "split": es.name,
+        "ks": list(ks),
+        **res.summary,
+        **{f"overlap@{k}": None for k in ks},
+        "threads": torch.get_num_threads(),
+        "n_eval_users": len(es.users),
+        "world_size": dd.world_size(),
+        "mean_list_len": float(top.lengths.mean()) if len(es.users) else 0.0,
+        "short_lists": int((top.lengths < max(ks)).sum()),
+        "timing_note": "sharded over torchrun ranks: accuracy only, no timing (measure speed with one process)",
+    }
+    return _finish(out, ds, es, top, folder, save_topk, write, t_start)
+
+
 # ------------------------------------------------------------------------------------------------ timing
 def _one(r: Ragged, j: int) -> Ragged:
     return Ragged(np.array([0, r.indptr[j + 1] - r.indptr[j]], dtype=np.int64), r.row(j).copy())
@@ -269,15 +357,16 @@ def _resolve(
     progress: bool,
 ) -> Dataset:
     if ds is None:
-        ds, _ = resolve_dataset(
-            data_hash=data_hash,
-            dataset_name=name,
-            data_cfg=data_cfg,
-            dataset=dataset,
-            processed_dir=processed_dir,
-            mirror=mirror,
-            progress=progress,
-        )
+        with dd.main_first():
+            ds, _ = resolve_dataset(
+                data_hash=data_hash,
+                dataset_name=name,
+                data_cfg=data_cfg,
+                dataset=dataset,
+                processed_dir=processed_dir,
+                mirror=mirror,
+                progress=progress and dd.is_main(),
+            )
     elif ds.data_hash != data_hash:
         raise UserError(
             f"data hash mismatch: built from {name!r} with data hash {data_hash}, the dataset given has "
@@ -331,6 +420,8 @@ def evaluate_index(
     n_threads = int(threads) if threads else all_threads()
 
     with faiss_threads(n_threads):
+        if dd.is_distributed():
+            return _sharded_index_eval(art, ds, es, ks, folder, save_topk, write, t_start)
         t0 = time.perf_counter()
         enc = encode_users(art.model, ds, es.query, es.users)
         encode_s = time.perf_counter() - t0
@@ -448,8 +539,26 @@ def evaluate_run(
     n_threads = int(threads) if threads else all_threads()
     with faiss_threads(n_threads):
         t0 = time.perf_counter()
-        top = exact_topk(model, ds, es.query, es.users, kmax, batch=batch_size)
+        if dd.is_distributed():
+            top = gather_topk(
+                n,
+                batch_size,
+                lambda r: exact_topk(model, ds, take_rows(es.query, r), es.users[r], kmax, batch=batch_size),
+            )
+        else:
+            top = exact_topk(model, ds, es.query, es.users, kmax, batch=batch_size)
         first_s = time.perf_counter() - t0
+    if dd.is_distributed():
+        res = metrics_from_topk(top.items, es.targets, ks, users=es.users, lengths=top.lengths)
+        out = {
+            "retriever": "exact",
+            "model": str(ckpt["model"]),
+            "kind": "exact",
+            "run_id": str(ckpt.get("run_id") or meta.get("run_id") or run_dir.name),
+            "run_dir": str(run_dir.resolve()),
+        }
+        folder = run_dir if run_dir.is_dir() else run_dir.parent
+        return _sharded_finish(out, res, top, ds, es, ks, folder, save_topk, write, t_start)
     res = metrics_from_topk(top.items, es.targets, ks, users=es.users, lengths=top.lengths)
     lat_rows = _sample(n, latency_queries, seed=1)
     timing: dict[int, dict[str, Any]] = {}
@@ -587,7 +696,10 @@ def markdown_row(res: dict[str, Any]) -> tuple[str, str]:
     kmax = max(ks)
     mb = res.get("index_bytes")
     cols += [
-        (f"overlap@{kmax}", f"{res[f'overlap@{kmax}']:.4f}"),
+        (
+            f"overlap@{kmax}",
+            f"{res[f'overlap@{kmax}']:.4f}" if res.get(f"overlap@{kmax}") is not None else "-",
+        ),
         ("QPS", f"{res['qps_batch']:,.0f}" if res.get("qps_batch") else "-"),
         ("p50 ms", f"{res['latency_p50_ms']:.3f}" if res.get("latency_p50_ms") is not None else "-"),
         ("p99 ms", f"{res['latency_p99_ms']:.3f}" if res.get("latency_p99_ms") is not None else "-"),

@@ -43,6 +43,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, file_digest, temp_dir, write_json
 from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.data.queries import history_queries, training_users
@@ -289,6 +290,47 @@ def build_code_index(
     }
 
 
+def _build_sharded(
+    model: Any, code_ids: np.ndarray, max_per_code: int | None, memory_budget_mb: float, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """build_code_index, under torchrun over each rank's contiguous range of the code ids, the ranks' rows
+    gathered on rank 0 into the one index (row for row what one process builds: a code's row never depends on
+    which codes are scored with it). Rank 0 returns (index, stats); the others (None, their stats)."""
+    if not dd.is_distributed():
+        return build_code_index(
+            model, code_ids, max_per_code=max_per_code, memory_budget_mb=memory_budget_mb, progress=progress
+        )
+    from sparcode_cli.retrieval.sparse_index import concat_code_indexes
+
+    t0 = time.perf_counter()
+    lo, hi = dd.shard(len(code_ids))
+    part, stats = dd.agreed(
+        lambda: build_code_index(
+            model,
+            code_ids[lo:hi],
+            max_per_code=max_per_code,
+            memory_budget_mb=memory_budget_mb,
+            progress=progress and dd.is_main(),
+        )
+    )
+    parts = dd.gather_object((part, stats))
+    if parts is None:
+        return None, stats
+    index = concat_code_indexes([p for p, _ in parts])
+    build_s = time.perf_counter() - t0
+    pairs = len(code_ids) * int(model.ctx.n_items)
+    score_s = max(s["score_s"] for _, s in parts)
+    return index, {
+        "sample_density": float(np.mean([s["sample_density"] for _, s in parts])),
+        "estimated_bytes": max(s["estimated_bytes"] for _, s in parts),
+        "build_s": build_s,
+        "score_s": score_s,
+        "pairs_scored": pairs,
+        "pairs_per_s": pairs / build_s if build_s > 0 else None,
+        "score_pairs_per_s": pairs / score_s if score_s > 0 else None,
+    }
+
+
 def _faiss_bytes_estimate(n_items: int, dim: int, kind: str, hnsw_m: int) -> int:
     per = 4 * dim + 8  # vector + id
     if kind == "hnsw":
@@ -404,14 +446,15 @@ def build_index(
     data_cfg = dict(ckpt.get("config", {}).get("data", {}))
     processed_dir: Path | None = None
     if ds is None:
-        ds, processed_dir = resolve_dataset(
-            data_hash=data_hash,
-            dataset_name=dataset_name,
-            data_cfg=data_cfg,
-            dataset=dataset,
-            mirror=mirror,
-            progress=progress,
-        )
+        with dd.main_first():
+            ds, processed_dir = resolve_dataset(
+                data_hash=data_hash,
+                dataset_name=dataset_name,
+                data_cfg=data_cfg,
+                dataset=dataset,
+                mirror=mirror,
+                progress=progress and dd.is_main(),
+            )
     elif data_hash and ds.data_hash != data_hash:
         raise UserError(f"data hash mismatch: the run has {data_hash}, the dataset {ds.data_hash}")
     model = model_from_checkpoint(ckpt)
@@ -434,65 +477,80 @@ def build_index(
         "n_items": ds.n_items,
         "threads": torch.get_num_threads(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, f".{out.name}.", ".tmp")
-    try:
-        if sparse:
-            manifest.update(
-                _build_sparse(model, ds, tmp, bias, max_per_code, codes, memory_budget_mb, progress)
-            )
-        else:
-            manifest.update(
-                _build_faiss(
-                    model,
-                    tmp,
-                    faiss_kind,
-                    nlist,
-                    nprobe,
-                    hnsw_m,
-                    ef_construction,
-                    ef_search,
-                    memory_budget_mb,
+    if dd.is_distributed():
+        manifest["world_size"] = dd.world_size()
+    if not dd.is_main():  # under torchrun: this rank's shard of the code rows; rank 0 writes the artifact
+
+        def shard() -> None:
+            if sparse:
+                _build_sparse(model, ds, None, bias, max_per_code, codes, memory_budget_mb, False)
+
+        dd.agreed(shard)  # returns once rank 0 has published the artifact; fails when any rank failed
+        return manifest
+
+    def publish() -> None:
+        """Build into a temporary sibling and rename it onto `out` (rank 0)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(out.parent, f".{out.name}.", ".tmp")
+        try:
+            if sparse:
+                manifest.update(
+                    _build_sparse(model, ds, tmp, bias, max_per_code, codes, memory_budget_mb, progress)
                 )
+            else:
+                manifest.update(
+                    _build_faiss(
+                        model,
+                        tmp,
+                        faiss_kind,
+                        nlist,
+                        nprobe,
+                        hnsw_m,
+                        ef_construction,
+                        ef_search,
+                        memory_budget_mb,
+                    )
+                )
+            enc = make_checkpoint(
+                model,
+                ckpt["config"],
+                with_rng=False,
+                run_id=manifest["run_id"],
+                data_hash=manifest["data_hash"],
+                dataset=manifest["dataset"],
             )
-        enc = make_checkpoint(
-            model,
-            ckpt["config"],
-            with_rng=False,
-            run_id=manifest["run_id"],
-            data_hash=manifest["data_hash"],
-            dataset=manifest["dataset"],
-        )
-        save_checkpoint(tmp / QUERY_ENCODER, enc)
-        items = pl.DataFrame(
-            {
-                "item": np.arange(1, ds.n_items + 1, dtype=np.int32),
-                "raw_id": [str(x) for x in ds.item_raw_ids[1:]],
-            },
-            schema={"item": pl.Int32, "raw_id": pl.String},
-        )
-        with atomic_path(tmp / ITEMS) as p:
-            items.write_parquet(p)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
-        manifest["files"] = {f: {"bytes": (tmp / f).stat().st_size} for f in files}
-        manifest["query_encoder_bytes"] = (tmp / QUERY_ENCODER).stat().st_size
-        manifest["versions"] = versions()
-        manifest["code_digest"] = code_digest()
-        manifest["git_commit"] = git_commit()
-        manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-        write_json(tmp / MANIFEST, manifest)  # last: its presence means the folder is complete
-        _swap_in(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    say(f"wrote {out}")
+            save_checkpoint(tmp / QUERY_ENCODER, enc)
+            items = pl.DataFrame(
+                {
+                    "item": np.arange(1, ds.n_items + 1, dtype=np.int32),
+                    "raw_id": [str(x) for x in ds.item_raw_ids[1:]],
+                },
+                schema={"item": pl.Int32, "raw_id": pl.String},
+            )
+            with atomic_path(tmp / ITEMS) as p:
+                items.write_parquet(p)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
+            manifest["files"] = {f: {"bytes": (tmp / f).stat().st_size} for f in files}
+            manifest["query_encoder_bytes"] = (tmp / QUERY_ENCODER).stat().st_size
+            manifest["versions"] = versions()
+            manifest["code_digest"] = code_digest()
+            manifest["git_commit"] = git_commit()
+            manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+            write_json(tmp / MANIFEST, manifest)  # last: its presence means the folder is complete
+            _swap_in(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        say(f"wrote {out}")
+
+    dd.agreed(publish)  # under torchrun the other ranks wait here for rank 0 (and fail when it fails)
     return manifest
 
 
 def _build_sparse(
     model: Any,
     ds: Dataset,
-    tmp: Path,
+    tmp: Path | None,
     bias: float | None,
     max_per_code: int | None,
     codes: str,
@@ -509,9 +567,9 @@ def _build_sparse(
     codes = resolve_codes(codes, int(model.n_codes), ds.n_items)
     code_ids = np.arange(model.n_codes, dtype=np.int64) if codes == "all" else reached_codes(model, ds)
     select_s = time.perf_counter() - t0
-    index, stats = build_code_index(
-        model, code_ids, max_per_code=max_per_code, memory_budget_mb=memory_budget_mb, progress=progress
-    )
+    index, stats = _build_sharded(model, code_ids, max_per_code, memory_budget_mb, progress)
+    if tmp is None:  # not rank 0: its shard went to rank 0
+        return {}
     index.save(tmp)
     return {
         "codes": codes,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparcode_cli import distributed as dd
 from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.data.queries import last_items, query_batch
 
@@ -147,6 +148,8 @@ def evaluate(
     `model.score_all(QueryBatch) -> (B, n_items + 1)`; the query is the last `max_history` (default: the
     model config's `max_history`) items of the split's query history; all query items are masked (written
     into the returned tensor, so `score_all` must return a fresh tensor, not a cached one).
+    Under torchrun every rank ranks every world_size-th batch (the same batches as one process) and the top-k
+    lists are gathered, so every rank returns the one-process result.
     """
     es = ds.split(split)
     if exclude_nonpositive is None:
@@ -164,7 +167,7 @@ def evaluate(
     model.eval()
     try:
         with torch.inference_mode():
-            for s in range(0, n, batch_size):
+            for s in range(0, n, batch_size)[dd.rank() :: dd.world_size()]:
                 rows = np.arange(s, min(s + batch_size, n), dtype=np.int64)
                 users = es.users[rows]
                 hist = last_items(es.query, rows, max_history)
@@ -182,6 +185,16 @@ def evaluate(
                 all_len[rows] = lengths.numpy()
     finally:
         model.train(was_training)
+    if dd.is_distributed():
+        mine = np.concatenate(
+            [
+                np.arange(s, min(s + batch_size, n))
+                for s in range(0, n, batch_size)[dd.rank() :: dd.world_size()]
+            ]
+            + [np.zeros(0, dtype=np.int64)]
+        ).astype(np.int64)
+        for rows, items_, lens_ in dd.all_gather_object((mine, all_items[mine], all_len[mine])):
+            all_items[rows], all_len[rows] = items_, lens_
     return metrics_from_topk(all_items, es.targets, ks, users=es.users, lengths=all_len)
 
 

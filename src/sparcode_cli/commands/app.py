@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sparcode_cli import __version__
 from sparcode_cli.errors import UserError
@@ -54,12 +56,13 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    rank = _join_torchrun()
     try:
         app(args=args, prog_name="sparcode")
     except UserError as exc:
         if debug:
             raise
-        err_console.print("[bold red]error:[/] ", end="")
+        err_console.print(f"[bold red]{escape(rank)}error:[/] ", end="")
         err_console.print(exc.message, highlight=False, markup=False)
         if exc.hint:
             err_console.print(exc.hint, highlight=False, markup=False)
@@ -67,3 +70,19 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    finally:
+        if rank:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _join_torchrun() -> str:
+    """Under torchrun (several processes): join the process group; "[rank r] " to prefix errors, else ""."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ""  # one process: torch.distributed is not even imported
+    from sparcode_cli import distributed
+
+    distributed.init_from_env()
+    return f"[rank {distributed.rank()}] "

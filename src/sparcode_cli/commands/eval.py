@@ -70,6 +70,11 @@ def eval_(
         )
     else:
         res = evaluate_run(run, None, split, ks, threads, progress=not no_progress, **kw)
+    if res is None:
+        return  # another rank of a torchrun job: rank 0 reports
+    if "world_size" in res:
+        sharded_table(res, ks, split)
+        return
 
     table = Table(
         title=f"{res['model']} / {res['retriever']} on {res['dataset']} ({split}, {res['n_users']} users)"
@@ -109,4 +114,22 @@ def eval_(
     table.add_row("nnz / density", f"{opt(res['nnz'], ',')} / {opt(res['density'], '.4f')}")
     table.add_row("mean list length", f"{res['mean_list_len']:.2f}")
     table.add_row("users on the fly", str(res["users_on_the_fly"]))
+    Console().print(table)
+
+
+def sharded_table(res: dict[str, object], ks: tuple[int, ...], split: str) -> None:
+    """What a torchrun-sharded evaluation reports: accuracy only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{res['model']} / {res['retriever']} on {res['dataset']} ({split}, {res['n_users']} users, "
+        f"{res['world_size']} processes)"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for kk in ks:
+        for name in ("recall", "ndcg", "hitrate", "precision", "list_len"):
+            table.add_row(f"{name}@{kk}", f"{res[f'{name}@{kk}']:.4f}")
+    table.add_row("timing", str(res["timing_note"]))
     Console().print(table)

@@ -104,6 +104,10 @@ def index(
         threads=threads,
         progress=not no_progress,
     )
+    from sparcode_cli import distributed as dd
+
+    if not dd.is_main():
+        return  # rank 0 of the torchrun job wrote the artifact and reports
     table = Table(title=f"index {out}")
     table.add_column("")
     table.add_column("value", justify="right")

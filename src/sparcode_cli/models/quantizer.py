@@ -25,6 +25,11 @@ Initialisation: before the first training batch, codebooks come from k-means of 
 (`kmeans_iters` > 0) or from random batch chunks (`kmeans_iters` = 0); `init_from(vectors)` does the same
 from given tokens (the two-tower warm start). The flag is a buffer, so a loaded checkpoint never re-inits.
 
+Under torchrun (data-parallel training, each rank a slice of the batch) every rank ends each step with the
+same codebooks: the first batch's k-means runs on the gathered global batch and is broadcast from rank 0;
+the EMA's per-code counts and sums are all-reduced before the update; a restart draws its rows from the
+gathered global batch with the RNG state that every rank shares.
+
 Everything that changes a codebook (EMA, restarts, init) happens only in training mode; in eval mode
 `forward` is a pure function of the codebooks. Usage counters (codes in use, perplexity, distinct tuples,
 restarts) are plain attributes, not saved, and are reset by `usage_stats()`.
@@ -38,6 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sparcode_cli import distributed as dd
 
 
 class ProductQuantizer(nn.Module):
@@ -143,7 +150,9 @@ class ProductQuantizer(nn.Module):
         """
         flat = z.reshape(-1, self.dim)
         if self.training and not bool(self.initted):
-            self.init_from(flat.detach())
+            self.init_from(dd.all_gather_rows(flat.detach()))
+            for t in (self.codebooks, self.ema_count, self.ema_sum):
+                dd.broadcast_(t)
         idx, x = self._assign_inputs(flat.detach())  # (T, M), (M, T, d)
         zq = self._from_tuples(idx)
         if self.training:
@@ -190,10 +199,10 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, x: Tensor, idx: Tensor) -> None:
         """x (M, T, d): each codebook's inputs (`_assign_inputs`), idx (T, M) their codewords."""
-        t = x.shape[1]
         onehot = F.one_hot(idx.transpose(0, 1), self.N).to(x.dtype)  # (M, T, N)
-        counts = onehot.sum(1)  # (M, N)
-        sums = torch.bmm(onehot.transpose(1, 2), x)  # (M, N, d)
+        counts = dd.all_reduce_sum_(onehot.sum(1))  # (M, N), over the global batch
+        sums = dd.all_reduce_sum_(torch.bmm(onehot.transpose(1, 2), x))  # (M, N, d)
+        t = int(counts[0].sum())  # every token has one codeword per codebook
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum(-1, keepdim=True)
@@ -204,6 +213,7 @@ class ProductQuantizer(nn.Module):
         dead = self.ema_count < self.dead_threshold * expected  # (M, N)
         n_dead = int(dead.sum())
         if n_dead:
+            x = dd.all_gather_rows(x.transpose(0, 1)).transpose(0, 1)  # (M, global T, d)
             for m in range(self.M):
                 dm = dead[m].nonzero().squeeze(-1)
                 if len(dm) == 0:
@@ -228,6 +238,9 @@ class ProductQuantizer(nn.Module):
 
     def usage_stats(self, reset: bool = True) -> dict[str, Any]:
         """Codes in use and perplexity per codebook, distinct code tuples and restarts since the last reset."""
+        if dd.is_distributed():  # the whole global batch's usage
+            self.usage = dd.all_reduce_sum_(self.usage.clone())
+            self.seen_ids = set().union(*dd.all_gather_object(self.seen_ids))
         p = self.usage.double() / self.usage.sum(-1, keepdim=True).clamp(min=1)
         ent = -(p * p.clamp(min=1e-12).log()).sum(-1)
         out = {

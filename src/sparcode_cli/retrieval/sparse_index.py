@@ -740,3 +740,20 @@ def overlap_at_k(a: TopK, b: TopK, k: int, *, per_user: bool = False) -> float |
     if per_user:
         return per
     return float(per.mean()) if n else 1.0
+
+
+def concat_code_indexes(parts: list[CodeIndex]) -> CodeIndex:
+    """One index from indexes over disjoint code ranges (e.g. the ranks' shards of a build), rows in code order."""
+    parts = [p for p in parts if p.n_rows] or parts[:1]
+    if not parts:
+        raise ValueError("no index parts")
+    caps = {p.max_per_code for p in parts}
+    if len(caps) > 1:
+        raise ValueError(f"index parts built with different max_per_code: {sorted(caps, key=str)}")
+    codes = np.concatenate([p.code_ids for p in parts])
+    order = np.argsort(codes, kind="stable")
+    m = sp.vstack([p.matrix for p in parts], format="csr")
+    if not np.array_equal(order, np.arange(len(codes))):
+        m = m[order]
+    m.has_sorted_indices = True
+    return CodeIndex(m, codes[order], parts[0].max_per_code)

@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, exclusive_lock, write_json, write_text
 from sparcode_cli.config import config_hash, run_id, to_toml
 from sparcode_cli.data.dataset import Dataset
-from sparcode_cli.data.queries import training_queries
+from sparcode_cli.data.queries import QueryBatch, training_queries
 from sparcode_cli.errors import UserError
 from sparcode_cli.metrics import DEFAULT_KS, EvalResult, evaluate, format_summary
 from sparcode_cli.models import (
@@ -63,7 +64,7 @@ from sparcode_cli.models import (
 from sparcode_cli.models.base import DataContext, Recommender, TrainOutput
 from sparcode_cli.models.encoders import is_order_aware
 from sparcode_cli.provenance import code_digest, git_commit, versions
-from sparcode_cli.training.sampler import Sampler, accidental_hits
+from sparcode_cli.training.sampler import Batch, Sampler, accidental_hits
 
 EARLY_STOP_METRIC = "recall@20"
 
@@ -113,9 +114,11 @@ def sampled_softmax_loss(
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device = {name!r} but CUDA is not available", hint='use "auto" or "cpu"')
+    if name == "cuda" and dd.is_distributed():
+        return torch.device("cuda", dd.local_rank())  # one GPU per rank
     try:
         return torch.device(name)
     except RuntimeError:
@@ -146,12 +149,14 @@ def _plain(obj: Any) -> Any:
 
 
 class _Log:
-    """train.log (appended) plus the console."""
+    """train.log (appended) plus the console; silent on every rank but 0 (path None)."""
 
-    def __init__(self, path: Path, console: Console, quiet: bool) -> None:
+    def __init__(self, path: Path | None, console: Console, quiet: bool) -> None:
         self.path, self.console, self.quiet = path, console, quiet
 
     def __call__(self, msg: str, *, echo: bool = True) -> None:
+        if self.path is None:
+            return
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(f"{stamp} {msg}\n")
@@ -244,7 +249,8 @@ def train(
         raise UserError(
             f"nothing to resume: {last_path} does not exist", hint="run without --resume to start it"
         )
-    with exclusive_lock(run_dir, f"run folder {run_dir}"):
+    # under torchrun rank 0 owns the run folder; the others only read it
+    with exclusive_lock(run_dir, f"run folder {run_dir}") if dd.is_main() else _null():
         if not resume and last_path.is_file():
             raise UserError(
                 f"run {rid} already exists in {run_dir}",
@@ -319,7 +325,8 @@ def _train_locked(
     name = str(cfg["model"]["name"])
     tc, mc = cfg["train"], cfg["model"]
     last_path, best_path = run_dir / "checkpoint_last.pt", run_dir / "checkpoint_best.pt"
-    log = _Log(run_dir / "train.log", console, quiet)
+    main = dd.is_main()
+    log = _Log(run_dir / "train.log" if main else None, console, quiet)
 
     if int(tc.get("threads", 0)) > 0:
         torch.set_num_threads(int(tc["threads"]))
@@ -352,10 +359,12 @@ def _train_locked(
         "versions": versions(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if not resume:
+    if dd.is_distributed():
+        meta["world_size"] = dd.world_size()
+    if main and not resume:
         write_text(run_dir / "config.toml", to_toml(cfg, header=f"resolved config of run {rid}"))
         write_json(run_dir / "meta.json", meta)
-    else:
+    elif main:
         old = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
         old.setdefault("resumed", []).append(meta["started"])
         meta = {**meta, **{k: old[k] for k in ("started", "init_from", "resumed") if k in old}}
@@ -363,6 +372,7 @@ def _train_locked(
     log(
         f"run {rid}: model {name}, dataset {ds.name} ({ds.n_users} users, {ds.n_items} items), "
         f"{n_params:,} parameters, device {device}, {torch.get_num_threads()} threads"
+        + (f" x {dd.world_size()} processes" if dd.is_distributed() else "")
         + (" [resumed]" if resume else "")
     )
 
@@ -382,6 +392,12 @@ def _train_locked(
         logq=bool(tc.get("logq", True)),
         seed=seed,
     )
+    if sampler.batch_size < dd.world_size():
+        raise UserError(
+            f"train.batch_size = {sampler.batch_size} is smaller than the {dd.world_size()} processes: "
+            "each takes a slice of the batch",
+            hint="raise train.batch_size or start fewer processes",
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
 
     st: dict[str, Any] = {
@@ -417,11 +433,15 @@ def _train_locked(
             raise UserError(f"model {name!r} cannot start from another run (--init-from)")
         hook(init_ckpt, training_queries(ds, int(mc.get("max_history", 50))))
         log(f"initialised from {init_from}")
+    step_fn = _data_parallel(model, device)
 
     def checkpoint(path: Path) -> None:
-        save_checkpoint(path, make_checkpoint(model, cfg, optimizer=opt, **common, **_plain(st)))
+        if main:
+            save_checkpoint(path, make_checkpoint(model, cfg, optimizer=opt, **common, **_plain(st)))
 
     def write_history() -> None:
+        if not main:
+            return
         with atomic_path(run_dir / "metrics.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in st["history"]), encoding="utf-8")
 
@@ -490,6 +510,7 @@ def _train_locked(
         write_history()
     stop_reason = "finished"
     sig = _SigintFlag()
+    halt = _Halt()
     bar = _progress(console, progress and not quiet)
     model.train()
     with sig.installed(), bar if bar is not None else _null():
@@ -508,16 +529,29 @@ def _train_locked(
                 if stop_at_step is not None and st["step"] >= stop_at_step:
                     stopped = "stopped"
                     break
-                if sig.flag:
+                if halt.get(sig.flag):
                     stopped = "interrupted"
                     break
                 t0 = time.perf_counter()
-                batch = sampler.batch(st["epoch"], st["batch"], order).to(device)
-                out_ = model.train_output(batch.query, batch.pos, batch.neg)
+                batch = sampler.batch(st["epoch"], st["batch"], order)
+                b_global = len(batch.pos)
+                batch = _rank_slice(batch).to(device)
+                out_ = step_fn(batch.query, batch.pos, batch.neg)
                 loss = sampled_softmax_loss(out_, batch.pos, batch.neg, batch.log_q) + out_.aux_loss
-                if not torch.isfinite(loss):
+                if dd.is_distributed():
+                    # the ranks' gradients are averaged: weight each slice's mean by its share of the batch, so
+                    # the step is the global batch's mean; the logged loss and the stop flag are agreed on
+                    loss = loss * (len(batch.pos) * dd.world_size() / b_global)
+                    agreed = torch.stack(
+                        [loss.detach().cpu() / dd.world_size(), torch.tensor(float(sig.flag))]
+                    )
+                    dd.all_reduce_sum_(agreed)
+                    loss_value, halt.agreed = float(agreed[0]), bool(agreed[1] > 0)
+                else:
+                    loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
                     raise TrainingDiverged(
-                        f"training diverged: the loss is {loss.item()} at epoch {st['epoch'] + 1}, "
+                        f"training diverged: the loss is {loss_value} at epoch {st['epoch'] + 1}, "
                         f"step {st['step'] + 1} (run {rid})",
                         hint=f"lower train.lr (now {tc['lr']}) or set train.grad_clip (e.g. 1.0); "
                         "checkpoint_last.pt (if any) holds the last good epoch",
@@ -528,13 +562,14 @@ def _train_locked(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 opt.step()
                 model.after_step()
+                _sync_rng()
                 dt = time.perf_counter() - t0
-                b = len(batch.pos)
+                b = b_global
                 st["step"] += 1
                 st["batch"] += 1
                 st["samples"] += b
                 st["train_time_s"] += dt
-                st["epoch_loss_sum"] += float(loss.detach())
+                st["epoch_loss_sum"] += loss_value
                 st["epoch_batches"] += 1
                 st["epoch_samples"] += b
                 st["epoch_time_s"] += dt
@@ -568,7 +603,8 @@ def _train_locked(
             st["status"] = stop_reason if st["done"] else "running"
             checkpoint(last_path)
             write_history()
-            if sig.flag and not st["done"]:
+            halt.agreed = _agree(sig.flag)
+            if halt.get(sig.flag) and not st["done"]:
                 stop_reason = "interrupted"
                 break
         if st["epoch"] >= epochs and not st["done"]:  # resumed a finished run
@@ -602,10 +638,83 @@ def _train_locked(
     )
     if stop_reason == "interrupted" or not final_eval:
         return result
+    dd.barrier()  # rank 0 has written the best checkpoint
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["state_dict"])
     _final_eval(model, ds, run_dir, log, result, tc, device)
     return result
+
+
+def _rank_slice(batch: Batch) -> Batch:
+    """This rank's rows of the global batch; the shared negatives (and their logQ) stay whole, so in-batch
+    negatives are the global batch's positives on every rank."""
+    if not dd.is_distributed():
+        return batch
+    lo, hi = dd.shard(len(batch.pos))
+    q = batch.query
+    users = None if q.users is None else q.users[lo:hi]
+    return Batch(
+        QueryBatch(q.history[lo:hi], q.user_feats[lo:hi], users), batch.pos[lo:hi], batch.neg, batch.log_q
+    )
+
+
+class _TrainForward(torch.nn.Module):
+    """What DistributedDataParallel wraps: its forward is the model's training output."""
+
+    def __init__(self, model: Recommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, q: QueryBatch, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.train_output(q, pos, neg)
+        return out.pos_logits, out.neg_logits, out.aux_loss
+
+
+def _data_parallel(model: Recommender, device: torch.device) -> Any:
+    """The training forward: the model itself in one process; under torchrun, every rank starts from rank 0's
+    parameters and buffers and DDP all-reduces the gradients (buffers are not re-broadcast per step: the
+    codebooks' statistics are all-reduced by the quantizer itself)."""
+    if not dd.is_distributed():
+        return model.train_output
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dd.broadcast_(t)
+    _sync_rng()
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        _TrainForward(model), device_ids=ids, forward_sync_buffers=False
+    )
+
+    def step(q: QueryBatch, pos: torch.Tensor, neg: torch.Tensor) -> TrainOutput:
+        return TrainOutput(*ddp(q, pos, neg))
+
+    return step
+
+
+class _Halt:
+    """Whether to stop for a Ctrl-C: the flag itself in one process; under torchrun only what the ranks last
+    agreed on, so that no rank leaves the loop alone."""
+
+    agreed = False
+
+    def get(self, flag: bool) -> bool:
+        return self.agreed if dd.is_distributed() else flag
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank when it is true on any (a Ctrl-C reaches the ranks at different moments)."""
+    if not dd.is_distributed():
+        return flag
+    return bool(dd.all_reduce_sum_(torch.tensor([float(flag)])) > 0)
+
+
+def _sync_rng() -> None:
+    """Rank 0's torch RNG state on every rank: what the ranks draw alike (SparCode's probe items, codebook
+    restarts) stays alike even when their slices differ in size."""
+    if dd.is_distributed():
+        state = torch.get_rng_state()
+        dd.broadcast_(state)
+        torch.set_rng_state(state)
 
 
 def _fmt(v: Any) -> str:
@@ -633,12 +742,14 @@ def _fit_only(
     model.fit(ds)  # type: ignore[attr-defined]
     dt = time.perf_counter() - t0
     ck = make_checkpoint(model, cfg, epoch=0, batch=0, step=0, status="fitted", train_time_s=dt, **common)
-    save_checkpoint(run_dir / "checkpoint_best.pt", ck)
-    save_checkpoint(run_dir / "checkpoint_last.pt", ck)
+    if dd.is_main():
+        save_checkpoint(run_dir / "checkpoint_best.pt", ck)
+        save_checkpoint(run_dir / "checkpoint_last.pt", ck)
     log(f"fitted in {dt:.2f} s")
     result = TrainResult(run_dir, run_dir.name, "fitted", 0, 0, 0, float("nan"), dt, 0.0)
     if final_eval:
         _final_eval(model, ds, run_dir, log, result, tc, device)
+    if final_eval and dd.is_main():
         with atomic_path(run_dir / "metrics.jsonl") as tmp:
             tmp.write_text(json.dumps({"epoch": 0, "valid": result.valid}) + "\n", encoding="utf-8")
     return result
@@ -662,6 +773,8 @@ def _final_eval(
         )
     result.valid, result.test = res["valid"].summary, res["test"].summary
     eval_s = time.perf_counter() - t0
+    if not dd.is_main():
+        return
     write_json(
         run_dir / "results.json",
         {
