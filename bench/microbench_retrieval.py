@@ -16,8 +16,9 @@ runs in the same process. Batch: each of `--repeat` (>= 3) rounds times every ch
 methods interleaved per chunk; the rate is the median over rounds (wall and process CPU time: on a shared
 machine the CPU time excludes time spent descheduled). Single queries: per round, each method's queries back
 to back (as `sparcode eval` times them); the p50 is the median over rounds. Ratios are taken per round, then
-the median. Bytes per query: the posting lists the kernel reads (4-byte id + 4-byte score per entry, each
-distinct code once), against `--bandwidth-gbs`.
+the median. Bytes per query: what the kernel reads at least (benchlib.query_bytes: 4-byte id + 4-byte score per
+posting entry, each distinct code once, plus the history), against the read bandwidth measured in the run
+(benchlib.read_bandwidth) or `--bandwidth-gbs`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def main() -> None:
     ap.add_argument(
         "--baseline", metavar="REV", help="also time sparse_index.retrieve as of this git revision"
     )
-    ap.add_argument("--bandwidth-gbs", type=float, default=23.0, help="memory read bandwidth to compare with")
+    ap.add_argument(
+        "--bandwidth-gbs", type=float, help="read bandwidth to compare with (default: measured, benchlib)"
+    )
     ap.add_argument("--no-history", action="store_true", help="mask nothing (every path)")
     ap.add_argument("--profile", action="store_true", help="cProfile one batch retrieve")
     ap.add_argument("--seed", type=int, default=0)
@@ -62,6 +65,7 @@ def main() -> None:
     import numba  # after the thread variables, so every pool starts with that many
     import numpy as np
     import torch
+    from benchlib import query_bytes, read_bandwidth
 
     from sparcode_cli.data.dataset import Ragged
     from sparcode_cli.retrieval import faiss_index as fi
@@ -163,19 +167,14 @@ def main() -> None:
     top = _concat(parts[names[0]], TopK)
     print(f"  sparse lists: mean length {top.lengths.mean():.2f} (k={args.k})")
 
-    # ---- bytes per query: each user's distinct codes' posting lists, id + score per entry
-    m = index.matrix
-    entry_bytes = m.indices.itemsize + m.data.itemsize
-    srt = np.sort(user_codes, axis=1)
-    first = np.ones_like(srt, dtype=bool)
-    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    rows, _ = index.row_of(srt)
-    nnz_per_user = np.where(first, np.diff(m.indptr)[rows], 0).sum(axis=1)
-    per_query = float(nnz_per_user.mean()) * entry_bytes
-    rate = args.users / np.median(cpu[names[0]]) * per_query / 1e9
+    # ---- bytes per query (benchlib.query_bytes, as `make bench` counts them) against the read bandwidth
+    qb = query_bytes(index, user_codes, h_len)
+    bw_gbs = args.bandwidth_gbs or read_bandwidth(repeats=args.repeat)["bytes_per_s"] / 1e9
+    rate = args.users / np.median(cpu[names[0]]) * qb["bytes_per_query"] / 1e9
     print(
-        f"  bytes read per query: {per_query / 1e3:.1f} KB of posting lists ({nnz_per_user.mean():.0f} entries); "
-        f"at the kernel's cpu QPS {rate:.2f} GB/s = {rate / args.bandwidth_gbs:.3f} of {args.bandwidth_gbs:g} GB/s"
+        f"  bytes read per query: {qb['bytes_per_query'] / 1e3:.1f} KB ({qb['entries_per_query']:.0f} posting "
+        f"entries + history); at the kernel's cpu QPS {rate:.2f} GB/s = {rate / bw_gbs:.3f} of {bw_gbs:.1f} GB/s "
+        f"({'given' if args.bandwidth_gbs else 'measured'})"
     )
 
     # ---- single-query latency (one user per call), methods interleaved per round
@@ -203,6 +202,7 @@ def main() -> None:
 
     # ---- exactness: the kernel against dense brute force (and the baseline's lists against the kernel's)
     sl = slice(0, min(200, args.users))
+    srt = np.sort(user_codes, axis=1)
     dense = np.zeros((sl.stop, n_cols), dtype=np.float32)
     for j in range(args.ku):  # the codes in ascending order: the kernel's summation order
         dense += index.matrix[srt[sl, j]].toarray()

@@ -25,7 +25,7 @@ FIELDS = [
     "overlap@20", "overlap@50",
     "overlap_reference", "overlap_users", "threads", "qps_batch", "latency_p50_ms", "latency_p99_ms",
     "qps_batch_1t", "latency_p50_ms_1t", "latency_p99_ms_1t", "retrieve_s", "encode_s", "encode_qps",
-    "encode_latency_p50_ms", "latency_queries", "timing_includes_encoding", "index_bytes", "nnz", "density",
+    "encode_latency_p50_ms", "latency_queries", "timing_repeats", "timing_includes_encoding", "index_bytes", "nnz", "density",
     "n_codes_built", "mean_list_len", "short_lists", "users_on_the_fly", "build_s", "pairs_per_s", "bias",
     "max_per_code", "versions", "created", "eval_s",
 ]  # fmt: skip
@@ -64,6 +64,7 @@ def test_metrics_json_has_every_field_and_markdown_appends(bd: Board, tmp_path: 
     assert res["threads"] == 2 and res["qps_batch"] > 0 and res["qps_batch_1t"] > 0
     assert 0 < res["latency_p50_ms"] <= res["latency_p99_ms"] and res["latency_queries"] == 50
     assert res["timing_includes_encoding"] is False and res["encode_s"] > 0
+    assert res["timing_repeats"] == 3  # every rate the median of 3 passes (sparcode_cli.timing)
     # the index's metrics are exactly those of exact model scoring (metrics.evaluate)
     exact = evaluate(model_from_checkpoint(load_checkpoint(out / "query_encoder.pt")), bd.ds, "test")
     for k in ("recall@20", "ndcg@50", "precision@20", "hitrate@50", "list_len@50"):

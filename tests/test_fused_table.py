@@ -106,3 +106,18 @@ def test_kernels_leave_torch_thread_count_alone() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(prev)
+
+
+def test_odd_sizes_and_a_changed_item_side() -> None:
+    """Odd D and K_i x H take the kernel's one-row passes; the item-major copy of the item side is kept between
+    calls only while it is the same, unchanged tensor."""
+    a, b, w, z, t = _inputs(19, 333, 1, 5, d=7, seed=4)
+    with torch.no_grad():
+        first = split_mlp_table(a, b, w, z, t, TAU)
+        torch.testing.assert_close(first, z @ t.T / TAU + _split_mlp_forward(a, b, w), rtol=1e-5, atol=1e-4)
+        b.mul_(2.0)  # in place: the cached copy is stale
+        t.add_(1.0)
+        again = split_mlp_table(a, b, w, z, t, TAU)
+        torch.testing.assert_close(again, z @ t.T / TAU + _split_mlp_forward(a, b, w), rtol=1e-5, atol=1e-4)
+        other = split_mlp_table(a, b.clone(), w, z, t, TAU)  # a new tensor with the same values
+    assert not torch.equal(first, again) and torch.equal(again, other)

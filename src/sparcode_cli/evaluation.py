@@ -12,8 +12,9 @@ apart), retrieves K = max(ks) items per user with their query history masked, an
 - overlap@K against the exact reference on up to `exact_users` users: SparCode against the same quantized
   model scored by brute force (score_all; 1.0 when nothing is capped), two-tower against an exact Faiss flat
   search over the same item vectors;
-- cost: batch QPS over all users (retrieval only, best of up to 3 passes; encoding reported apart),
-  single-query latency p50 / p99 of `latency_queries` one-user retrievals (encoding excluded; its own p50 reported apart), each at 1 thread and
+- cost: batch QPS over all users (retrieval only, the median of `repeats` passes after a first untimed one;
+  encoding reported apart), single-query latency p50 / p99 of `latency_queries` one-user retrievals (the median
+  over `repeats` rounds; encoding excluded, its own p50 reported apart), each at 1 thread and
   at `threads` (torch + Faiss OpenMP; the sparse index's numba kernel takes torch's count); index bytes,
   nnz, density, mean list length, users served on the fly (codes without an index row).
 
@@ -56,6 +57,7 @@ from sparcode_cli.indexing import (
 from sparcode_cli.metrics import DEFAULT_KS, metrics_from_topk
 from sparcode_cli.metrics import topk as dense_topk
 from sparcode_cli.retrieval.sparse_index import TopK, overlap_at_k
+from sparcode_cli.timing import REPEATS, latency_ms, median_time
 
 METRICS_FILE = "metrics.json"
 RESULTS_MD = "results.md"
@@ -317,28 +319,10 @@ def _one(r: Ragged, j: int) -> Ragged:
     return Ragged(np.array([0, r.indptr[j + 1] - r.indptr[j]], dtype=np.int64), r.row(j).copy())
 
 
-def _percentiles(times: list[float]) -> tuple[float | None, float | None]:
-    if not times:
-        return None, None
-    a = np.asarray(times) * 1e3
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
-
-
 def _sample(n: int, m: int, seed: int = 0) -> np.ndarray:
     if m >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False)).astype(np.int64)
-
-
-def best_time(fn: Any, min_total_s: float = 1.0, max_reps: int = 3) -> float:
-    """Best wall time of `fn()` over up to `max_reps` runs, stopping once `min_total_s` has been spent."""
-    best, spent, reps = float("inf"), 0.0, 0
-    while reps < max_reps and (reps == 0 or spent < min_total_s):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent, reps = min(best, dt), spent + dt, reps + 1
-    return best
 
 
 def _thread_counts(threads: int) -> list[int]:
@@ -395,6 +379,7 @@ def evaluate_index(
     save_topk: str | Path | None = None,
     latency_queries: int = LATENCY_QUERIES,
     exact_users: int = EXACT_USERS,
+    repeats: int = REPEATS,
     write: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -453,21 +438,16 @@ def evaluate_index(
     timing: dict[int, dict[str, Any]] = {}
     for t in _thread_counts(n_threads):
         with faiss_threads(t):
-            batch_s = best_time(lambda: index_retrieve(art, enc, es.query, kmax))
-            times = []
-            for e, h in singles:
-                t0 = time.perf_counter()
-                index_retrieve(art, e, h, kmax)
-                times.append(time.perf_counter() - t0)
-        p50, p99 = _percentiles(times)
+            batch_s = median_time(lambda: index_retrieve(art, enc, es.query, kmax), repeats)
+            calls = [lambda e=e, h=h: index_retrieve(art, e, h, kmax) for e, h in singles]
+            p50, p99 = latency_ms(calls, repeats)
         timing[t] = {"batch_s": batch_s, "qps": n / batch_s if batch_s > 0 else None, "p50": p50, "p99": p99}
-    enc_times = []
     with faiss_threads(n_threads):
-        for j in lat_rows[: min(len(lat_rows), 100)]:
-            t0 = time.perf_counter()
-            encode_users(art.model, ds, es.query, es.users[j : j + 1], rows=np.array([j]))
-            enc_times.append(time.perf_counter() - t0)
-    enc_p50, _ = _percentiles(enc_times)
+        enc_calls = [
+            lambda j=j: encode_users(art.model, ds, es.query, es.users[j : j + 1], rows=np.array([j]))
+            for j in lat_rows[: min(len(lat_rows), 100)]
+        ]
+        enc_p50, _ = latency_ms(enc_calls, 1)
 
     out: dict[str, Any] = {
         "retriever": art.retriever,
@@ -483,7 +463,7 @@ def evaluate_index(
         **overlap,
         "overlap_reference": ref_name,
         "overlap_users": len(ref_rows),
-        **_timing_fields(timing, n_threads, n, encode_s, enc_p50, first_s, len(lat_rows), False),
+        **_timing_fields(timing, n_threads, n, encode_s, enc_p50, first_s, len(lat_rows), False, repeats),
         "index_bytes": m.get("index_bytes"),
         "nnz": m.get("nnz"),
         "density": m.get("density"),
@@ -512,6 +492,7 @@ def evaluate_run(
     save_topk: str | Path | None = None,
     latency_queries: int = LATENCY_QUERIES,
     batch_size: int = 512,
+    repeats: int = REPEATS,
     write: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -564,14 +545,12 @@ def evaluate_run(
     timing: dict[int, dict[str, Any]] = {}
     for t in _thread_counts(n_threads):
         with faiss_threads(t):
-            batch_s = best_time(lambda: exact_topk(model, ds, es.query, es.users, kmax, batch=batch_size))
-            times = []
-            for j in lat_rows:
-                h = _one(es.query, int(j))
-                t0 = time.perf_counter()
-                exact_topk(model, ds, h, es.users[j : j + 1], kmax)
-                times.append(time.perf_counter() - t0)
-        p50, p99 = _percentiles(times)
+            batch_s = median_time(
+                lambda: exact_topk(model, ds, es.query, es.users, kmax, batch=batch_size), repeats
+            )
+            singles = [(_one(es.query, int(j)), es.users[j : j + 1]) for j in lat_rows]
+            calls = [lambda h=h, u=u: exact_topk(model, ds, h, u, kmax) for h, u in singles]
+            p50, p99 = latency_ms(calls, repeats)
         timing[t] = {"batch_s": batch_s, "qps": n / batch_s if batch_s > 0 else None, "p50": p50, "p99": p99}
     out: dict[str, Any] = {
         "retriever": "exact",
@@ -588,7 +567,7 @@ def evaluate_run(
         **{f"overlap@{k}": 1.0 for k in ks},
         "overlap_reference": "itself (exact scoring)",
         "overlap_users": n,
-        **_timing_fields(timing, n_threads, n, None, None, first_s, len(lat_rows), True),
+        **_timing_fields(timing, n_threads, n, None, None, first_s, len(lat_rows), True, repeats),
         "index_bytes": None,
         "nnz": None,
         "density": None,
@@ -615,6 +594,7 @@ def _timing_fields(
     first_s: float,
     n_lat: int,
     includes_encoding: bool,
+    repeats: int,
 ) -> dict[str, Any]:
     hi, lo = timing[n_threads], timing[1]
     return {
@@ -633,6 +613,7 @@ def _timing_fields(
         "encode_qps": (n / encode_s) if encode_s else None,
         "encode_latency_p50_ms": enc_p50,
         "latency_queries": n_lat,
+        "timing_repeats": repeats,
         "timing_includes_encoding": includes_encoding,
         "timing_note": (
             "batch QPS and latency include query encoding (brute-force score_all)"

@@ -77,40 +77,38 @@ def operating_points(
     flat: list[dict[str, Any]],
     path: Path,
     title: str,
+    sparse_label: str = "SparCode index (bias sweep)",
+    sparse_order: str = "qps_1t",
 ) -> Path:
-    """Recall@50 against batch QPS (1 thread): SparCode over the bias sweep, HNSW over efSearch, flat."""
+    """Recall@50 against batch QPS (1 thread): SparCode's points (annotated with `label`, else the density),
+    HNSW over efSearch (one line per `hnsw_m` when the rows give it, in efSearch order; annotated with `label`,
+    else efSearch), flat. The SparCode line joins its points in `sparse_order` (a row key)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    if sparse:
-        s = sorted(sparse, key=lambda r: r["qps_1t"])
-        ax.plot(
-            [r["qps_1t"] for r in s], [r["recall@50"] for r in s], "o-", label="SparCode index (bias sweep)"
-        )
-        for r in s:
+
+    def note(rows: list[dict[str, Any]], text: Any, dy: int) -> None:
+        for r in rows:
             ax.annotate(
-                f"{r['density']:.3g}",
+                text(r),
                 (r["qps_1t"], r["recall@50"]),
                 fontsize=7,
                 alpha=0.7,
-                xytext=(3, 3),
+                xytext=(3, dy),
                 textcoords="offset points",
             )
-    if hnsw:
-        h = sorted(hnsw, key=lambda r: r["qps_1t"])
+
+    if sparse:
+        s = sorted(sparse, key=lambda r: r[sparse_order])
+        ax.plot([r["qps_1t"] for r in s], [r["recall@50"] for r in s], "o-", label=sparse_label)
+        note(s, lambda r: r.get("label") or f"{r['density']:.3g}", 3)
+    for m in dict.fromkeys(r.get("hnsw_m") for r in hnsw):
+        h = sorted((r for r in hnsw if r.get("hnsw_m") == m), key=lambda r: r["ef_search"])
         ax.plot(
             [r["qps_1t"] for r in h],
             [r["recall@50"] for r in h],
             "s-",
-            label="two-tower + Faiss HNSW (efSearch)",
+            label="two-tower + Faiss HNSW (efSearch)" + ("" if m is None else f", M = {m}"),
         )
-        for r in h:
-            ax.annotate(
-                str(r["ef_search"]),
-                (r["qps_1t"], r["recall@50"]),
-                fontsize=7,
-                alpha=0.7,
-                xytext=(3, -9),
-                textcoords="offset points",
-            )
+        note(h, lambda r: r.get("label") or str(r["ef_search"]), -9)
     if flat:
         ax.plot(
             [r["qps_1t"] for r in flat],
