@@ -715,6 +715,10 @@ def _sync_rng() -> None:
         state = torch.get_rng_state()
         dd.broadcast_(state)
         torch.set_rng_state(state)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # draws on the GPU use its generator
+            cuda_state = torch.cuda.get_rng_state()
+            dd.broadcast_(cuda_state)
+            torch.cuda.set_rng_state(cuda_state)
 
 
 def _fmt(v: Any) -> str:
