@@ -143,3 +143,37 @@ def test_an_embedding_two_tower_trains_and_warm_starts_sparcode_and_all_to_all(t
             tmp_path / "x",
             init_from=tt.run_dir,
         )
+
+
+def test_history_false_is_matrix_factorisation() -> None:
+    cfg = cfg_of("two-tower", "model.tower=embedding", "model.user_id=true", "model.history=false")
+    ctx = DataContext(n_items=30, n_genres=0, n_year_buckets=0, user_vocab=(1, 1, 1), max_genres=0, n_users=6)
+    torch.manual_seed(0)
+    model = build_model("two-tower", cfg["model"], ctx).eval()
+    assert model.query_encoder.item_emb is None  # no history table at all
+    q = QueryBatch(queries().history, torch.zeros(3, 3, dtype=torch.long), queries().users)  # no user features
+    other_history = QueryBatch(torch.flip(q.history, [0]), q.user_feats, q.users)
+    with torch.no_grad():
+        got = model.score_all(q)
+        torch.testing.assert_close(model.score_all(other_history), got)  # the history is not read
+        users = F.normalize(model.query_encoder.user.id_emb(q.users), dim=-1)
+        items = F.normalize(model.item_encoder.id_emb.weight, dim=-1)
+        torch.testing.assert_close(got[:, 1:], (users @ items.T)[:, 1:] / 0.1)
+    # the mlp tower without the history: user features and user id only
+    mlp_cfg = cfg_of("two-tower", "model.user_id=true", "model.history=false")
+    assert build_model("two-tower", mlp_cfg["model"], CTX).query_encoder.mlp[0].in_features == 16 + 3 * 4
+
+
+@pytest.mark.parametrize(
+    "extra", [["model.user_id=false"], ["model.user_id=true", "model.query_encoder=sasrec"]]
+)
+def test_history_false_needs_the_dnn_encoder_and_a_user_id(extra: list[str]) -> None:
+    with pytest.raises(UserError, match="model.history = false is not allowed"):
+        load_config("two-tower", overrides=["model.history=false", *extra])
+
+
+def test_the_default_history_keeps_every_run_id() -> None:
+    for model in ("two-tower", "sparcode", "all-to-all"):
+        cfg = load_config(model)
+        older = {s: {k: v for k, v in cfg[s].items() if (s, k) != ("model", "history")} for s in cfg}
+        assert cfg["model"]["history"] is True and config_hash(cfg, "d", 0) == config_hash(older, "d", 0)

@@ -76,6 +76,7 @@ IDENTITY_UNLESS_CHANGED = {
     ("model", "gru_layers"): 1,
     ("model", "user_id"): False,
     ("model", "tower"): "mlp",
+    ("model", "history"): True,
 }
 
 

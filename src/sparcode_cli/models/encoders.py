@@ -3,7 +3,7 @@
 Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
 `hidden` (MLP hidden size; 0: one linear layer), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"),
 `sasrec_layers`, `sasrec_heads`, `gru_layers`, `max_history` (L), `user_id` (a user-ID embedding in every query
-encoder), `tower` ("mlp" or "embedding").
+encoder), `tower` ("mlp" or "embedding"), `history` (false: the dnn query leaves the history out).
 
 `tower` = "mlp" (the default): each tower concatenates its parts (history summary, user features; item id, genres,
 year) and maps them with `mlp` to R^d. `tower` = "embedding": no map at all; each tower is the sum of its parts'
@@ -135,7 +135,8 @@ class UserFeatures(nn.Module):
 
 class DNNQueryEncoder(nn.Module):
     """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP (`tower =
-    "embedding"`: their sum, no MLP)."""
+    "embedding"`: their sum, no MLP). `history = false` leaves the history out: the query is the user features
+    and user-ID embedding alone (with `tower = "embedding"` and no user features, matrix factorisation)."""
 
     order_aware = False
     # config keys (besides dim / emb_dim / hidden / user_id) that shape the weights
@@ -144,14 +145,18 @@ class DNNQueryEncoder(nn.Module):
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
         e = int(cfg["emb_dim"])
-        self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=0.05)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        self.item_emb: nn.Embedding | None = None
+        if bool(cfg.get("history", True)):
+            self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
+            nn.init.normal_(self.item_emb.weight, std=0.05)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
         self.user = UserFeatures(cfg, ctx)
-        self.mlp = tower_map(cfg, e + self.user.out_dim)
+        self.mlp = tower_map(cfg, (e if self.item_emb is not None else 0) + self.user.out_dim)
 
     def forward(self, q: QueryBatch) -> Tensor:
+        if self.item_emb is None:  # `history = false`: the user alone (MF-like with the user-ID embedding)
+            return combine([self.user(q)], self.mlp)
         mask = (q.history > 0).float().unsqueeze(-1)
         h = (self.item_emb(q.history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return combine([h, self.user(q)], self.mlp)

@@ -233,7 +233,7 @@ class TokenCross(Recommender):
         if isinstance(tt_cfg.get("model"), dict):  # a full resolved config: its [model] section
             tt_cfg = dict(tt_cfg["model"])
         weight_keys = getattr(QUERY_ENCODERS.get(str(self.cfg.get("query_encoder"))), "weight_keys", ())
-        shaping = ["dim", "emb_dim", "tower", "query_encoder", "user_id", *weight_keys]
+        shaping = ["dim", "emb_dim", "tower", "query_encoder", "user_id", "history", *weight_keys]
         if not embedding_tower(self.cfg):  # an embedding tower has no MLP: hidden shapes nothing
             shaping.insert(3, "hidden")
         for key in shaping:
