@@ -151,7 +151,8 @@ def test_history_false_is_matrix_factorisation() -> None:
     torch.manual_seed(0)
     model = build_model("two-tower", cfg["model"], ctx).eval()
     assert model.query_encoder.item_emb is None  # no history table at all
-    q = QueryBatch(queries().history, torch.zeros(3, 3, dtype=torch.long), queries().users)  # no user features
+    no_feats = torch.zeros(3, 3, dtype=torch.long)  # this context has no user features
+    q = QueryBatch(queries().history, no_feats, queries().users)
     other_history = QueryBatch(torch.flip(q.history, [0]), q.user_feats, q.users)
     with torch.no_grad():
         got = model.score_all(q)
