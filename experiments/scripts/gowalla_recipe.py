@@ -43,14 +43,22 @@ VARIANTS: list[tuple[str, list[str]]] = [
         "default negatives (mixed 256, logQ) and batch 512",
         ["train.negatives=mixed", "train.n_negatives=256", "train.batch_size=512"],
     ),  # fmt: skip
+    # no linear map in either tower: query = user-ID embedding + mean history embedding, item = its id embedding
+    ("embedding towers (no maps)", ["model.tower=embedding"]),
+    # from the embedding towers, one more change each
+    ("embedding towers, no user-ID embedding", ["model.tower=embedding", "model.user_id=false"]),
+    ("embedding towers, lr 0.003", ["model.tower=embedding", "train.lr=0.003"]),
+    ("embedding towers, dim 128", ["model.tower=embedding", "model.emb_dim=128", "model.dim=128"]),
+    ("embedding towers, no history (MF)", ["model.tower=embedding", "model.history=false"]),
 ]
 BARS_YOUTUBEDNN = (0.1754, 0.1473)
 
 
-def overrides(changes: list[str], epochs: int) -> list[str]:
+def overrides(changes: list[str], epochs: int, seed: int = 0) -> list[str]:
     keys = {c.split("=", 1)[0] for c in changes}
+    seed_set = [f"train.seed={seed}"] if seed else []  # seed 0 is the default: left out, so run ids stay
     return [*(r for r in RECIPE if r.split("=", 1)[0] not in keys), *changes, f"train.epochs={epochs}",
-            "train.threads=1", "train.eval_batch_size=2048"]  # fmt: skip
+            *seed_set, "train.threads=1", "train.eval_batch_size=2048"]  # fmt: skip
 
 
 def run_variant(args: tuple[str, list[str], str, str]) -> dict[str, Any]:
@@ -85,6 +93,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated variant numbers (0 = the recipe)")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed of every variant")
     a = ap.parse_args()
     if a.home:
         os.environ["SPARCODE_HOME"] = a.home
@@ -94,7 +103,7 @@ def main() -> None:
     # "wrote FOLDER" when it preprocessed now, "reusing FOLDER (...)" when an identical folder exists
     data = next(line.split()[1] for line in out.splitlines() if line.startswith(("wrote ", "reusing ")))
     chosen = VARIANTS if a.only is None else [VARIANTS[int(i)] for i in a.only.split(",")]
-    jobs = [(n, overrides(c, a.epochs), a.runs, data) for n, c in chosen]
+    jobs = [(n, overrides(c, a.epochs, a.seed), a.runs, data) for n, c in chosen]
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
         rows = list(pool.map(run_variant, jobs))

@@ -75,6 +75,8 @@ IDENTITY_UNLESS_CHANGED = {
     ("model", "quantizer"): "product",
     ("model", "gru_layers"): 1,
     ("model", "user_id"): False,
+    ("model", "tower"): "mlp",
+    ("model", "history"): True,
 }
 
 

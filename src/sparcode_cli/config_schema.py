@@ -94,12 +94,14 @@ class EncoderConfig(ModelSection):
     query_encoder: Literal["dnn", "sasrec", "gru4rec"]
     dim: int = Field(ge=1)
     emb_dim: int = Field(ge=1)
+    tower: Literal["mlp", "embedding"]
     hidden: int = Field(ge=0)  # 0: each tower is one linear layer
     dropout: float = Field(ge=0, lt=1)
     sasrec_layers: int = Field(ge=1)
     sasrec_heads: int = Field(ge=1)
     gru_layers: int = Field(ge=1)
     user_id: bool
+    history: bool
 
     def cross_key_problems(self) -> list[str]:
         problems = super().cross_key_problems()
@@ -107,6 +109,18 @@ class EncoderConfig(ModelSection):
             problems.append(
                 f"model.emb_dim = {self.emb_dim} is not allowed with model.sasrec_heads = {self.sasrec_heads}: "
                 "must be a multiple of sasrec_heads (the sasrec encoder splits emb_dim over its attention heads)"
+            )
+        if not self.history and (self.query_encoder != "dnn" or not self.user_id):
+            problems.append(
+                f"model.history = false is not allowed with model.query_encoder = {self.query_encoder!r} and "
+                f"model.user_id = {str(self.user_id).lower()}: needs the dnn encoder and user_id = true (a query "
+                "without its history is the user-ID embedding and user features)"
+            )
+        if self.tower == "embedding" and self.dim != self.emb_dim:
+            problems.append(
+                f'model.dim = {self.dim} is not allowed with model.tower = "embedding" and model.emb_dim = '
+                f"{self.emb_dim}: must equal emb_dim (an embedding tower has no map: its output is its summed "
+                "embeddings)"
             )
         return problems
 

@@ -3,7 +3,14 @@
 Config keys read here (all under the model config): `dim` (output size d), `emb_dim` (embedding size),
 `hidden` (MLP hidden size; 0: one linear layer), `dropout`, `query_encoder` ("dnn", "sasrec" or "gru4rec"),
 `sasrec_layers`, `sasrec_heads`, `gru_layers`, `max_history` (L), `user_id` (a user-ID embedding in every query
-encoder).
+encoder), `tower` ("mlp" or "embedding"), `history` (false: the dnn query leaves the history out).
+
+`tower` = "mlp" (the default): each tower concatenates its parts (history summary, user features; item id, genres,
+year) and maps them with `mlp` to R^d. `tower` = "embedding": no map at all; each tower is the sum of its parts'
+embeddings (every part emb_dim wide, so dim must equal emb_dim): the query is the history summary + the user-ID
+embedding + the user-feature embeddings, the item its id embedding + mean genre embedding + year embedding (on a
+dataset without item features, the id embedding alone). `hidden` then shapes nothing, and `dropout` acts only
+inside the sasrec and gru4rec encoders.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from sparcode_cli.models.base import DataContext, QueryBatch
+
+TOWERS = ("mlp", "embedding")
 
 
 def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
@@ -32,8 +41,32 @@ def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def embedding_tower(cfg: dict[str, Any]) -> bool:
+    """Whether the towers are the identity on their summed embeddings (`tower = "embedding"`), not an MLP."""
+    tower = str(cfg.get("tower", "mlp"))
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    return tower == "embedding"
+
+
+def tower_map(cfg: dict[str, Any], in_dim: int) -> nn.Sequential | None:
+    """A tower's map from its concatenated parts (`in_dim` wide) to R^dim: the MLP of `hidden` / `dropout`, or
+    None for `tower = "embedding"` (the parts are summed instead; see `combine`)."""
+    if embedding_tower(cfg):
+        return None
+    return mlp([in_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0)))
+
+
+def combine(parts: list[Tensor], tower: nn.Module | None) -> Tensor:
+    """A tower's output: its map of the concatenated parts, or (no map) the sum of the parts."""
+    if tower is None:
+        return torch.stack(parts).sum(0)
+    return tower(torch.cat(parts, dim=-1))
+
+
 class ItemEncoder(nn.Module):
-    """Item id embedding + mean of genre embeddings + year-bucket embedding -> MLP -> R^d."""
+    """Item id embedding + mean of genre embeddings + year-bucket embedding -> MLP -> R^d (`tower = "embedding"`:
+    their sum, no MLP)."""
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
@@ -45,7 +78,9 @@ class ItemEncoder(nn.Module):
             "item_genres", torch.zeros(ctx.n_items + 1, max(ctx.max_genres, 1), dtype=torch.long)
         )
         self.register_buffer("item_year", torch.zeros(ctx.n_items + 1, dtype=torch.long))
-        self.mlp = mlp([3 * e, int(cfg["hidden"]), d], float(cfg.get("dropout", 0.0)))
+        if embedding_tower(cfg) and d != e:
+            raise ValueError(f'tower = "embedding" needs dim = emb_dim, got {d} and {e}')
+        self.mlp = tower_map(cfg, 3 * e)
         nn.init.normal_(self.id_emb.weight, std=0.05)
 
     def set_features(self, genres: np.ndarray, year: np.ndarray) -> None:
@@ -60,18 +95,19 @@ class ItemEncoder(nn.Module):
         genres = self.item_genres[items]  # (..., G)
         g_mask = (genres > 0).float().unsqueeze(-1)
         g = (self.genre_emb(genres) * g_mask).sum(-2) / g_mask.sum(-2).clamp(min=1.0)
-        x = torch.cat([self.id_emb(items), g, self.year_emb(self.item_year[items])], dim=-1)
-        return self.mlp(x)
+        return combine([self.id_emb(items), g, self.year_emb(self.item_year[items])], self.mlp)
 
 
 class UserFeatures(nn.Module):
     """Embeddings of gender, age, occupation (0 = unknown), concatenated; with `user_id`, also a user-ID
-    embedding of size emb_dim (id 0, an unknown user, is the zero vector)."""
+    embedding of size emb_dim (id 0, an unknown user, is the zero vector). With `tower = "embedding"` every
+    embedding is emb_dim wide and `forward` returns their sum (zero when there are none)."""
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
         e = int(cfg["emb_dim"])
-        feat_dim = max(e // 4, 4)
+        self.summed = embedding_tower(cfg)
+        feat_dim = e if self.summed else max(e // 4, 4)
         self.embs = nn.ModuleList(nn.Embedding(max(v, 1), feat_dim, padding_idx=0) for v in ctx.user_vocab)
         self.out_dim = feat_dim * len(ctx.user_vocab)
         self.id_emb: nn.Embedding | None = None
@@ -81,6 +117,8 @@ class UserFeatures(nn.Module):
             with torch.no_grad():
                 self.id_emb.weight[0].zero_()
             self.out_dim += e
+        if self.summed:
+            self.out_dim = e
 
     def forward(self, q: QueryBatch) -> Tensor:
         parts = [emb(q.user_feats[:, j]) for j, emb in enumerate(self.embs)]
@@ -88,11 +126,17 @@ class UserFeatures(nn.Module):
             if q.users is None:
                 raise ValueError("this model reads user ids (user_id = true) but the query has none")
             parts.append(self.id_emb(q.users))
+        if self.summed:
+            if not parts:
+                return torch.zeros(len(q.history), self.out_dim, device=q.history.device)
+            return torch.stack(parts).sum(0)
         return torch.cat(parts, dim=-1)
 
 
 class DNNQueryEncoder(nn.Module):
-    """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP."""
+    """DSSM / YouTubeDNN style: masked mean of the last L history embeddings + user features -> MLP (`tower =
+    "embedding"`: their sum, no MLP). `history = false` leaves the history out: the query is the user features
+    and user-ID embedding alone (with `tower = "embedding"` and no user features, matrix factorisation)."""
 
     order_aware = False
     # config keys (besides dim / emb_dim / hidden / user_id) that shape the weights
@@ -101,19 +145,21 @@ class DNNQueryEncoder(nn.Module):
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__()
         e = int(cfg["emb_dim"])
-        self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=0.05)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        self.item_emb: nn.Embedding | None = None
+        if bool(cfg.get("history", True)):
+            self.item_emb = nn.Embedding(ctx.n_items + 1, e, padding_idx=0)
+            nn.init.normal_(self.item_emb.weight, std=0.05)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
         self.user = UserFeatures(cfg, ctx)
-        self.mlp = mlp(
-            [e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0))
-        )
+        self.mlp = tower_map(cfg, (e if self.item_emb is not None else 0) + self.user.out_dim)
 
     def forward(self, q: QueryBatch) -> Tensor:
+        if self.item_emb is None:  # `history = false`: the user alone (MF-like with the user-ID embedding)
+            return combine([self.user(q)], self.mlp)
         mask = (q.history > 0).float().unsqueeze(-1)
         h = (self.item_emb(q.history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.mlp(torch.cat([h, self.user(q)], dim=-1))
+        return combine([h, self.user(q)], self.mlp)
 
 
 class SASRecQueryEncoder(nn.Module):
@@ -144,9 +190,7 @@ class SASRecQueryEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(e)
         self.user = UserFeatures(cfg, ctx)
-        self.out = mlp(
-            [e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], float(cfg.get("dropout", 0.0))
-        )
+        self.out = tower_map(cfg, e + self.user.out_dim)
 
     def forward(self, q: QueryBatch) -> Tensor:
         hist = q.history[:, -self.max_len :]
@@ -161,7 +205,7 @@ class SASRecQueryEncoder(nn.Module):
         mask = mask.repeat_interleave(self.n_heads, dim=0)
         x = self.blocks(x, mask=mask)
         last = self.norm(x[:, -1])
-        return self.out(torch.cat([last, self.user(q)], dim=-1))
+        return combine([last, self.user(q)], self.out)
 
 
 class GRU4RecQueryEncoder(nn.Module):
@@ -191,7 +235,7 @@ class GRU4RecQueryEncoder(nn.Module):
         # torch applies GRU dropout between layers only (and warns if it is set with one layer)
         self.gru = nn.GRU(e, e, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.user = UserFeatures(cfg, ctx)
-        self.out = mlp([e + self.user.out_dim, int(cfg["hidden"]), int(cfg["dim"])], dropout)
+        self.out = tower_map(cfg, e + self.user.out_dim)
 
     def forward(self, q: QueryBatch) -> Tensor:
         hist = q.history[:, -self.max_len :]
@@ -204,7 +248,7 @@ class GRU4RecQueryEncoder(nn.Module):
             x, n.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
         _, h_n = self.gru(packed)  # (layers, B, e), back in the batch's order
-        return self.out(torch.cat([h_n[-1], self.user(q)], dim=-1))
+        return combine([h_n[-1], self.user(q)], self.out)
 
 
 QUERY_ENCODERS: dict[str, type[nn.Module]] = {

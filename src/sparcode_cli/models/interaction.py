@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparcode_cli.config import IDENTITY_UNLESS_CHANGED
 from sparcode_cli.models import fused_table
 from sparcode_cli.models.base import DataContext, QueryBatch, Recommender
-from sparcode_cli.models.encoders import QUERY_ENCODERS, ItemEncoder, build_query_encoder
+from sparcode_cli.models.encoders import QUERY_ENCODERS, ItemEncoder, build_query_encoder, embedding_tower
 
 INTERACTIONS = ("mlp", "attention")
 
@@ -232,11 +233,17 @@ class TokenCross(Recommender):
         if isinstance(tt_cfg.get("model"), dict):  # a full resolved config: its [model] section
             tt_cfg = dict(tt_cfg["model"])
         weight_keys = getattr(QUERY_ENCODERS.get(str(self.cfg.get("query_encoder"))), "weight_keys", ())
-        for key in ("dim", "emb_dim", "hidden", "query_encoder", "user_id", *weight_keys):
-            if key in tt_cfg and str(tt_cfg[key]) != str(self.cfg.get(key)):
+        shaping = ["dim", "emb_dim", "tower", "query_encoder", "user_id", "history", *weight_keys]
+        if not embedding_tower(self.cfg):  # an embedding tower has no MLP: hidden shapes nothing
+            shaping.insert(3, "hidden")
+        for key in shaping:
+            # a key the two-tower run predates holds the value that reproduces that run
+            fallback = IDENTITY_UNLESS_CHANGED.get(("model", key))
+            theirs, ours = tt_cfg.get(key, fallback), self.cfg.get(key, fallback)
+            if theirs is not None and str(theirs) != str(ours):
                 raise UserError(
-                    f"--init-from: the two-tower run has {key} = {tt_cfg[key]!r}, this model {self.cfg.get(key)!r}",
-                    f"set the same value: --set model.{key}={tt_cfg[key]}",
+                    f"--init-from: the two-tower run has {key} = {theirs!r}, this model {ours!r}",
+                    f"set the same value: --set model.{key}={theirs}",
                 )
         sd = ckpt["state_dict"]
         for prefix in ("query_encoder.", "item_encoder."):
