@@ -27,9 +27,11 @@ def recipe(dataset: str, model: str) -> list[str]:
     from sparcode_cli.reproduce.matrix import expand
 
     for t in expand("reproduce-full", datasets=[dataset]).trains:
-        if t.model == model and t.seed == 0 and not t.variant and t.encoder in (None, "dnn"):
-            if t.interaction in (None, "mlp"):
-                return list(t.overrides)
+        main_run = (
+            t.seed == 0 and not t.variant and t.encoder in (None, "dnn") and t.interaction in (None, "mlp")
+        )
+        if t.model == model and main_run:
+            return list(t.overrides)
     raise SystemExit(f"reproduce-full has no seed-0 dnn {model} run on {dataset}")
 
 
