@@ -21,7 +21,7 @@ from rich.console import Console
 
 from sparcode_cli import indexing
 from sparcode_cli.config import load_config
-from sparcode_cli.data.dataset import Dataset
+from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.errors import UserError
 from sparcode_cli.evaluation import Artifact, exact_topk, index_retrieve, load_artifact
@@ -410,3 +410,35 @@ def test_artifact_gets_the_umask_mode_not_the_temporary_files(bd: Board, tmp_pat
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_compact_scores_option(bd: Board, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--scores uint8: recorded in the manifest and the index files, a smaller index, lists equal to an exact
+    top-k of the dequantized scores; a bad value is refused (exit 2); two-tower runs refuse it."""
+    ds = bd.ds
+    base = build_index(bd.runs["sparcode"], tmp_path / "f32", ds=ds, codes="reached", progress=False)
+    assert base["scores"] == "float32"
+    out = tmp_path / "u8"
+    args = ["index", str(bd.runs["sparcode"]), "--out", str(out), "--dataset", str(bd.csv), "--threads", "1"]
+    assert _cli([*args, "--codes", "reached", "--scores", "uint8", "--no-progress"]) == 0
+    assert "uint8" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["scores"] == "uint8" and m["nnz"] == base["nnz"] and m["index_bytes"] < base["index_bytes"]
+    art = load_artifact(out)
+    assert art.index.encoding == "uint8" and art.index.matrix.data.min() >= 1
+    ref_index = load_artifact(tmp_path / "f32").index
+    enc = encode_users(art.model, ds, ds.test.query, ds.test.users)
+    top = index_retrieve(art, enc, ds.test.query, 20)
+    deq = CodeIndex(art.index.dequantized(), art.index.code_ids)  # the decoded scores, as a float32 index
+    hist = ds.test.query
+    sel = np.flatnonzero(deq.row_of(enc)[1].all(axis=1))  # users whose codes all have a row
+    assert len(sel) > 0
+    sub = Ragged.from_lists([hist.row(u) for u in sel])
+    np.testing.assert_array_equal(top.items[sel], retrieve(deq, enc[sel], sub, 20).items)
+    assert (retrieve(ref_index, enc[sel], sub, 20).lengths == top.lengths[sel]).all()  # nothing dropped
+    assert _cli([*args, "--scores", "int4", "--no-progress"]) == 2
+    assert "--scores" in capsys.readouterr().err
+    with pytest.raises(UserError, match="apply to sparcode"):
+        build_index(bd.runs["two-tower"], tmp_path / "o", ds=ds, scores="float16")
+    with pytest.raises(UserError, match="--scores"):
+        build_index(bd.runs["sparcode"], tmp_path / "o", ds=ds, scores="int4")

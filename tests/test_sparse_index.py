@@ -8,11 +8,13 @@ import pytest
 from sparcode_cli.data.dataset import Ragged
 from sparcode_cli.errors import UserError
 from sparcode_cli.retrieval.sparse_index import (
+    CODES_FILE,
     INDEX_FILE,
     CodeIndex,
     CSRBuilder,
     TopK,
     build_csr_from_chunks,
+    encode_scores,
     estimate_bytes,
     overlap_at_k,
     prune,
@@ -502,3 +504,128 @@ def test_ties_at_the_floor_are_kept() -> None:
     top = retrieve(index, np.array([[1, 1]]), None, k=10)  # count x the 32nd best: 2 x 0.25, every item
     np.testing.assert_array_equal(top.items[0], range(1, 11))
     np.testing.assert_array_equal(top.scores[0], np.full(10, 0.5, dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------ compact scores
+def dequantized_table(table: np.ndarray, encoding: str) -> np.ndarray:
+    """Every code's stored row as the kernel adds it: the full table built, encoded and decoded."""
+    full = encode_scores(build(table, np.arange(table.shape[0])), encoding)
+    out = np.zeros(table.shape, dtype=np.float32)
+    out[full.code_ids] = full.dequantized().toarray()
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["float16", "uint8"])
+@pytest.mark.parametrize("seed", range(12))
+def test_compact_scores_equal_dense_topk_of_the_dequantized_scores(encoding: str, seed: int) -> None:
+    """Same kernel contract on the decoded values: index rows and on-the-fly rows (encoded alike), repeats,
+    histories masked, ties (score desc, item asc), bit for bit."""
+    table, built, user_codes, hist, k = random_case(seed)
+    index = encode_scores(build(table, built), encoding)
+    assert index.encoding == encoding and index.matrix.dtype == np.dtype(encoding)
+    got = retrieve(index, user_codes, hist, k, on_the_fly=lambda c: table[c])
+    dense = summed_like_score_all(dequantized_table(table, encoding), user_codes)
+    assert_same(got, brute_topk(dense, hist, k))
+    for u in range(len(user_codes)):
+        assert not set(got.row(u)[0].tolist()) & set(hist.row(u).tolist())
+
+
+def test_float32_encoding_is_the_index_itself() -> None:
+    table = dyadic_table(np.random.default_rng(3), 6, 30, density=0.5)
+    index = build(table, np.arange(6))
+    assert index.encoding == "float32" and index.row_scale is None
+    assert encode_scores(index, "float32") is index and index.dequantized() is index.matrix
+    with pytest.raises(ValueError, match="encoding"):
+        encode_scores(index, "int4")
+
+
+def test_uint8_never_drops_an_entry_and_scales_per_row() -> None:
+    table = np.full((3, 12), -1.0, dtype=np.float32)
+    table[0, 1:] = np.float32(1e-6)  # far below max / 255 of its row ...
+    table[0, 5] = np.float32(1000.0)  # ... which this sets
+    table[1, 3] = np.float32(2.5)  # a single entry: q = 255
+    index = build(table, np.arange(3))
+    q = encode_scores(index, "uint8")
+    np.testing.assert_array_equal(q.matrix.indices, index.matrix.indices)
+    np.testing.assert_array_equal(q.matrix.indptr, index.matrix.indptr)
+    assert q.matrix.data.min() >= 1 and q.matrix.data.max() == 255
+    np.testing.assert_allclose(q.row_scale[:2], [1000.0 / 255, 2.5 / 255], rtol=1e-6)
+    assert q.row_scale[2] > 0  # an empty row still has a valid scale
+    deq = q.dequantized().toarray()
+    assert deq[1, 3] == np.float32(255) * q.row_scale[1]
+    assert (deq[table > 0] > 0).all()
+    top = retrieve(q, np.array([[0]]), None, 20)
+    assert top.lengths[0] == 11  # every stored item is still retrieved
+    np.testing.assert_allclose(deq[0, 1:], np.where(np.arange(1, 12) == 5, 1000.0, 1000.0 / 255), rtol=1e-5)
+
+
+def test_float16_keeps_tiny_scores_and_refuses_too_large_ones() -> None:
+    table = np.full((2, 6), -1.0, dtype=np.float32)
+    table[0, 1:] = [1e-12, 0.1, 1.0, 3.0, 60000.0]
+    f = encode_scores(build(table, np.arange(2)), "float16")
+    assert f.matrix.data.dtype == np.float16 and (f.matrix.data > 0).all()
+    np.testing.assert_array_equal(f.dequantized().data, f.matrix.data.astype(np.float32))
+    assert retrieve(f, np.array([[0]]), None, 10).lengths[0] == 5
+    table[1, 1] = 70000.0
+    with pytest.raises(ValueError, match="float16"):
+        encode_scores(build(table, np.arange(2)), "float16")
+
+
+@pytest.mark.parametrize("encoding", ["float16", "uint8"])
+def test_compact_depth_table_holds_dequantized_scores(encoding: str) -> None:
+    import sparcode_cli.retrieval.sparse_index as si
+
+    rng = np.random.default_rng(5)
+    table = (rng.random((4, 1200)) - 0.1).astype(np.float32)
+    index = encode_scores(build(table, np.arange(4)), encoding)
+    got = index._depths(np.arange(4))
+    deq = index.dequantized()
+    for r in range(4):
+        desc = np.sort(deq[r].data)[::-1]
+        np.testing.assert_array_equal(got[r], [desc[d - 1] if d <= len(desc) else 0 for d in si._DEPTHS])
+
+
+@pytest.mark.parametrize("encoding", ["float32", "float16", "uint8"])
+def test_compact_save_load_roundtrip(tmp_path, encoding: str) -> None:
+    rng = np.random.default_rng(8)
+    table = (rng.random((20, 50)) - 0.4).astype(np.float32)
+    index = encode_scores(build(table, np.arange(0, 20, 2), cap=9), encoding)
+    index.save(tmp_path)
+    loaded = CodeIndex.load(tmp_path)
+    assert loaded.encoding == encoding and loaded.max_per_code == 9
+    assert loaded.matrix.dtype == index.matrix.dtype and (loaded.matrix != index.matrix).nnz == 0
+    if encoding == "uint8":
+        np.testing.assert_array_equal(loaded.row_scale, index.row_scale)
+    assert loaded.nbytes == index.nbytes
+    user_codes = rng.choice(index.code_ids, size=(12, 3))
+    hist = random_history(rng, 12, 49, 5)
+    assert_same(retrieve(loaded, user_codes, hist, 10), retrieve(index, user_codes, hist, 10))
+
+
+def test_artifacts_without_an_encoding_load_as_float32(tmp_path) -> None:
+    index = build(dyadic_table(np.random.default_rng(2), 5, 20, density=0.5), np.arange(5))
+    index.save(tmp_path)
+    with np.load(tmp_path / CODES_FILE) as z:
+        old = {key: z[key] for key in z.files if key not in ("encoding", "row_scale")}
+    np.savez(tmp_path / CODES_FILE, **old)  # what earlier versions wrote
+    loaded = CodeIndex.load(tmp_path)
+    assert loaded.encoding == "float32" and loaded.row_scale is None
+    assert (loaded.matrix != index.matrix).nnz == 0
+
+
+def test_compact_index_is_checked_on_load(tmp_path) -> None:
+    q = encode_scores(build(np.ones((3, 9), dtype=np.float32), np.arange(3)), "uint8")
+    q.save(tmp_path)
+    with np.load(tmp_path / CODES_FILE) as z:
+        old = {key: z[key] for key in z.files}
+    np.savez(tmp_path / CODES_FILE, **{**old, "encoding": np.array("float32")})  # uint8 data, says float32
+    with pytest.raises(UserError, match="inconsistent"):
+        CodeIndex.load(tmp_path)
+    np.savez(tmp_path / CODES_FILE, **{key: v for key, v in old.items() if key != "row_scale"})
+    with pytest.raises(UserError, match="row_scale"):
+        CodeIndex.load(tmp_path)
+    np.savez(tmp_path / CODES_FILE, **{**old, "encoding": np.array("int4")})
+    with pytest.raises(UserError, match="int4"):
+        CodeIndex.load(tmp_path)
+    with pytest.raises(ValueError, match="float32 index"):
+        prune(q, 0.1)

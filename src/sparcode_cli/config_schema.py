@@ -198,6 +198,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 class IndexOptions(Section):
     bias: float | None
     max_per_code: PositiveInt | None
+    scores: Literal["float32", "float16", "uint8"] | None
     codes: Literal["auto", "reached", "all"] | None
     faiss: Literal["flat", "ivf", "hnsw"] | None
     nlist: PositiveInt | None

@@ -391,6 +391,7 @@ def build_index(
     bias: float | None = None,
     max_per_code: int | None = None,
     codes: str | None = None,
+    scores: str | None = None,
     faiss_kind: str | None = None,
     nlist: int | None = None,
     nprobe: int = 16,
@@ -406,7 +407,7 @@ def build_index(
 
     `ds`: the dataset (else resolved from `dataset`, the processed cache or the run's dataset name; its data
     hash must match the run's). SparCode options: bias, max_per_code, codes ("auto" | "reached" | "all"),
-    memory_budget_mb. Two-tower options: faiss_kind ("flat" | "ivf" | "hnsw"), nlist, nprobe, hnsw_m,
+    scores (how the index stores them: "float32" (default) | "float16" | "uint8"), memory_budget_mb. Two-tower options: faiss_kind ("flat" | "ivf" | "hnsw"), nlist, nprobe, hnsw_m,
     ef_construction, ef_search.
     """
     from sparcode_cli.models import attach_features, make_checkpoint, model_from_checkpoint, save_checkpoint
@@ -425,9 +426,18 @@ def build_index(
     sparse = name == "sparcode"
     if sparse and faiss_kind is not None:
         raise UserError("--faiss applies to two-tower runs; this is a sparcode run")
-    if not sparse and (bias is not None or max_per_code is not None or codes is not None):
-        raise UserError("--bias, --max-per-code and --codes apply to sparcode runs; this is a two-tower run")
+    if not sparse and (
+        bias is not None or max_per_code is not None or codes is not None or scores is not None
+    ):
+        raise UserError(
+            "--bias, --max-per-code, --codes and --scores apply to sparcode runs; this is a two-tower run"
+        )
     codes = codes or "auto"
+    scores = scores or "float32"
+    from sparcode_cli.retrieval.sparse_index import ENCODINGS
+
+    if scores not in ENCODINGS:
+        raise UserError(f"--scores must be one of {', '.join(ENCODINGS)}, got {scores!r}")
     faiss_kind = faiss_kind or "flat"
     if codes not in CODE_CHOICES:
         raise UserError(f"--codes must be one of {', '.join(CODE_CHOICES)}, got {codes!r}")
@@ -483,7 +493,7 @@ def build_index(
 
         def shard() -> None:
             if sparse:
-                _build_sparse(model, ds, None, bias, max_per_code, codes, memory_budget_mb, False)
+                _build_sparse(model, ds, None, bias, max_per_code, codes, scores, memory_budget_mb, False)
 
         dd.agreed(shard)  # returns once rank 0 has published the artifact; fails when any rank failed
         return manifest
@@ -495,7 +505,9 @@ def build_index(
         try:
             if sparse:
                 manifest.update(
-                    _build_sparse(model, ds, tmp, bias, max_per_code, codes, memory_budget_mb, progress)
+                    _build_sparse(
+                        model, ds, tmp, bias, max_per_code, codes, scores, memory_budget_mb, progress
+                    )
                 )
             else:
                 manifest.update(
@@ -554,10 +566,11 @@ def _build_sparse(
     bias: float | None,
     max_per_code: int | None,
     codes: str,
+    scores: str,
     memory_budget_mb: float,
     progress: bool,
 ) -> dict[str, Any]:
-    from sparcode_cli.retrieval.sparse_index import CODES_FILE, INDEX_FILE
+    from sparcode_cli.retrieval.sparse_index import CODES_FILE, INDEX_FILE, encode_scores
 
     trained_bias = float(model.bias)
     if bias is not None:
@@ -570,6 +583,10 @@ def _build_sparse(
     index, stats = _build_sharded(model, code_ids, max_per_code, memory_budget_mb, progress)
     if tmp is None:  # not rank 0: its shard went to rank 0
         return {}
+    try:
+        index = encode_scores(index, scores)
+    except ValueError as e:
+        raise UserError(f"--scores {scores}: {e}") from None
     index.save(tmp)
     return {
         "codes": codes,
@@ -594,6 +611,7 @@ def _build_sparse(
         "bias": float(model.bias),
         "bias_trained": trained_bias,
         "max_per_code": max_per_code,
+        "scores": index.encoding,
     }
 
 
@@ -677,6 +695,7 @@ def summary_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
             ("codes built", built),
             ("bias", f"{manifest['bias']:.4f} (trained {manifest['bias_trained']:.4f})"),
             ("max per code", str(manifest["max_per_code"] or "-")),
+            ("scores", str(manifest.get("scores") or "float32")),
         ]
     else:
         rows.append(("faiss params", json.dumps(manifest.get("faiss_params", {})) or "-"))

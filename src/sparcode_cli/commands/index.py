@@ -22,6 +22,14 @@ def index(
     max_per_code: int = typer.Option(
         None, "--max-per-code", show_default=False, help="sparcode: keep only each code's best M items."
     ),
+    scores: str = typer.Option(
+        None,
+        "--scores",
+        metavar="float32|float16|uint8",
+        show_default=False,
+        help="sparcode: how the index stores its scores: float32 (default), float16, or uint8 with a scale "
+        "per code row (smaller; the ranking may change a little: bench/compact_scores.py measures it).",
+    ),
     codes: str = typer.Option(
         None,
         "--codes",
@@ -75,6 +83,7 @@ def index(
         {
             "bias": bias,
             "max_per_code": max_per_code,
+            "scores": scores,
             "codes": codes,
             "faiss": faiss,
             "nlist": nlist,
@@ -93,6 +102,7 @@ def index(
         mirror=mirror,
         bias=bias,
         max_per_code=max_per_code,
+        scores=scores,
         codes=codes,
         faiss_kind=faiss,
         nlist=nlist,

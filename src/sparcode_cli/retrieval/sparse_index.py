@@ -26,6 +26,14 @@ loaded, else numba's; thread t has its own accumulator and serves users t, t + T
 runs a serial build (a parallel launch costs ~30 us). Results do not depend on the thread count; scores are
 bit-identical to `SparCode.score_all` (same order, same two float32 roundings: product, then sum) and the lists
 equal `topk_dense` of them. Codes without a row are scored on the fly into a side CSR read in the same order.
+
+Compact scores (opt-in, `encode_scores`; float32 is the default): "float16" stores each score as float16
+(rounded to nearest, kept >= the smallest float16 > 0); "uint8" stores q = round(score / s_r) clipped to
+1..255 with s_r = row max / 255 (float32, one per row, kept in the artifact), so no stored entry becomes 0.
+The kernel dequantizes on the fly (float16 -> float32 exactly; q x s_r as one float32 product) and then runs
+the float32 path on those values: the lists equal an exact top-k of the dequantized scores (same order, same
+tie rule), the floor table holds dequantized values. Each encoding is its own compiled specialisation; the
+float32 one is the code above, unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from pathlib import Path
 import numba
 import numpy as np
 import scipy.sparse as sp
+from numba import types
+from numba.extending import overload
 
 from sparcode_cli.atomic import atomic_path
 from sparcode_cli.data.dataset import Ragged
@@ -53,6 +63,9 @@ OnTheFly = Callable[[np.ndarray], np.ndarray]
 
 _DEPTHS = np.round(32 * 2 ** (np.arange(11) / 2)).astype(np.int64)  # 32, 45, 64, ..., 1024: bound levels
 _TINY = np.float32(np.finfo(np.float32).smallest_subnormal)  # `x >= _TINY` is `x > 0` for float32
+ENCODINGS = ("float32", "float16", "uint8")  # how the index stores its scores (see the module notes)
+_STORED = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -149,11 +162,16 @@ class CodeIndex:
     `matrix` is CSR (n_rows, n_items + 1), float32 data > 0, canonical (sorted, unique indices), column 0
     (padding item) empty; row r holds the scores of global code id `code_ids[r]` (int64, strictly increasing).
     `max_per_code` is the cap the build used (None = uncapped): on-the-fly rows are capped the same way.
+    `encoding` ("float32" | "float16" | "uint8"): the dtype of `matrix.data`; with "uint8", `row_scale`
+    (float32 (n_rows,) > 0) dequantizes row r as float32(q) x row_scale[r]. `dequantized()` gives the float32
+    values the kernel adds. Build float32, then `encode_scores`.
     """
 
     matrix: sp.csr_matrix
     code_ids: np.ndarray
     max_per_code: int | None = None
+    encoding: str = "float32"
+    row_scale: np.ndarray | None = None
     _depth: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _depth_done: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _depth_todo: int = field(default=-1, init=False, repr=False, compare=False)  # rows not yet filled
@@ -164,8 +182,28 @@ class CodeIndex:
             raise ValueError("CodeIndex.matrix must be a scipy CSR matrix")
         if not isinstance(m, sp.csr_matrix):
             m = self.matrix = sp.csr_matrix(m)
-        if m.dtype != np.float32:
-            m = self.matrix = m.astype(np.float32)
+        if self.encoding not in ENCODINGS:
+            raise ValueError(
+                f"unknown score encoding {self.encoding!r}; expected one of {', '.join(ENCODINGS)}"
+            )
+        if self.encoding == "float32":
+            if m.dtype != np.float32:
+                m = self.matrix = m.astype(np.float32)
+            if self.row_scale is not None:
+                raise ValueError("row_scale belongs to the uint8 encoding")
+        elif m.dtype != _STORED[self.encoding]:
+            raise ValueError(f"a {self.encoding} index stores {self.encoding} data, not {m.dtype}")
+        if self.encoding == "uint8":
+            scale = None if self.row_scale is None else np.asarray(self.row_scale, dtype=np.float32)
+            if (
+                scale is None
+                or scale.shape != (m.shape[0],)
+                or not (np.isfinite(scale).all() and (scale > 0).all())
+            ):
+                raise ValueError("a uint8 index needs one finite row_scale > 0 per row")
+            self.row_scale = scale
+        elif self.row_scale is not None:
+            raise ValueError("row_scale belongs to the uint8 encoding")
         self.code_ids = np.asarray(self.code_ids, dtype=np.int64)
         if self.code_ids.ndim != 1 or len(self.code_ids) != m.shape[0]:
             raise ValueError(f"{len(self.code_ids)} code ids for {m.shape[0]} index rows")
@@ -202,7 +240,29 @@ class CodeIndex:
     @property
     def nbytes(self) -> int:
         m = self.matrix
-        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.code_ids.nbytes)
+        scale = 0 if self.row_scale is None else self.row_scale.nbytes
+        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.code_ids.nbytes + scale)
+
+    def dequantized(self) -> sp.csr_matrix:
+        """The float32 scores the kernel adds: `matrix` itself for float32, else the decoded copy."""
+        m = self.matrix
+        if self.encoding == "float32":
+            return m
+        if self.encoding == "float16":
+            data = m.data.astype(np.float32)
+        else:
+            data = m.data.astype(np.float32) * np.repeat(self.row_scale, np.diff(m.indptr))
+        return sp.csr_matrix((data, m.indices, m.indptr), shape=m.shape)
+
+    def _kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stored values as the kernel reads them, aux): float32 data and an unused empty array; float16 bits
+        as uint16 and the float16 -> float32 table; uint8 data and the row scales."""
+        data = self.matrix.data
+        if self.encoding == "float16":
+            return data.view(np.uint16), _F16_TO_F32
+        if self.encoding == "uint8":
+            return data, self.row_scale
+        return data, np.zeros(0, dtype=np.float32)
 
     def row_nnz(self) -> np.ndarray:
         return np.diff(self.matrix.indptr)
@@ -228,7 +288,8 @@ class CodeIndex:
             todo = rows[~self._depth_done[rows]]
             if len(todo):
                 todo = np.unique(todo)
-                _fill_depths(self.matrix.indptr, self.matrix.data, todo, self._depth)
+                val, aux = self._kernel_arrays()
+                _fill_depths(self.matrix.indptr, val, aux, todo, self._depth)
                 self._depth_done[todo] = True
                 self._depth_todo -= len(todo)
         return self._depth
@@ -245,6 +306,8 @@ class CodeIndex:
                 shape=np.array(self.matrix.shape, dtype=np.int64),
                 nnz=np.array(self.nnz, dtype=np.int64),
                 max_per_code=np.array(-1 if self.max_per_code is None else self.max_per_code, dtype=np.int64),
+                encoding=np.array(self.encoding),
+                **({} if self.row_scale is None else {"row_scale": self.row_scale}),
             )
         with atomic_path(folder / INDEX_FILE) as tmp, open(tmp, "wb") as fh:
             sp.save_npz(fh, self.matrix, compressed=False)
@@ -260,6 +323,11 @@ class CodeIndex:
                 shape = tuple(int(s) for s in z["shape"])
                 nnz = int(z["nnz"])
                 cap = int(z["max_per_code"])
+                # older artifacts have no encoding: float32
+                encoding = str(z["encoding"]) if "encoding" in z.files else "float32"
+                row_scale = np.asarray(z["row_scale"]) if "row_scale" in z.files else None
+            if encoding not in ENCODINGS:
+                raise ValueError(f"unknown score encoding {encoding!r}")
         except FileNotFoundError:
             raise UserError(f"code index file {codes_path} is missing.", REBUILD_HINT) from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -274,16 +342,18 @@ class CodeIndex:
             raise UserError(
                 f"code index file {index_path} is truncated or corrupt ({e}).", REBUILD_HINT
             ) from None
-        problem = _check_matrix(m, shape, nnz, len(code_ids))
+        problem = _check_matrix(m, shape, nnz, len(code_ids), encoding)
         if problem:
             raise UserError(f"code index file {index_path} is inconsistent: {problem}.", REBUILD_HINT)
         try:
-            return cls(sp.csr_matrix(m), code_ids, None if cap < 0 else cap)
+            return cls(sp.csr_matrix(m), code_ids, None if cap < 0 else cap, encoding, row_scale)
         except ValueError as e:
             raise UserError(f"code index file {codes_path} is inconsistent: {e}.", REBUILD_HINT) from None
 
 
-def _check_matrix(m: object, shape: tuple[int, ...], nnz: int, n_codes: int) -> str | None:
+def _check_matrix(
+    m: object, shape: tuple[int, ...], nnz: int, n_codes: int, encoding: str = "float32"
+) -> str | None:
     if not sp.issparse(m) or m.format != "csr":
         return "not a CSR matrix"
     if m.shape != shape or m.nnz != nnz or shape[0] != n_codes:
@@ -295,8 +365,10 @@ def _check_matrix(m: object, shape: tuple[int, ...], nnz: int, n_codes: int) -> 
         return "malformed row pointers"
     if len(m.indices) and (m.indices.min() < 1 or m.indices.max() >= shape[1]):
         return "item ids out of range (or the padding item 0 stored)"
-    if m.dtype != np.float32 or (len(m.data) and not (np.all(np.isfinite(m.data)) and m.data.min() > 0)):
-        return "scores must be finite float32 > 0"
+    if m.dtype != _STORED[encoding] or (
+        len(m.data) and not (np.all(np.isfinite(m.data)) and m.data.min() > 0)
+    ):
+        return f"scores must be finite {encoding} > 0"
     if not m.has_canonical_format:
         return "item ids not sorted/unique within a row"
     return None
@@ -415,6 +487,43 @@ def build_csr_from_chunks(
     return b.finish()
 
 
+def encode_scores(index: CodeIndex, encoding: str) -> CodeIndex:
+    """The same index with its scores stored as `encoding` (from a float32 index; see the module notes).
+
+    float16: round to nearest, then at least the smallest float16 > 0; a score above float16's largest is
+    refused (ValueError). uint8: per row s = float32(row max / 255), q = clip(round(score / s), 1, 255), so
+    every stored entry stays retrievable. The sparsity pattern, code ids and cap are unchanged."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown score encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+    if index.encoding == encoding:
+        return index
+    if index.encoding != "float32":
+        raise ValueError(f"encode a float32 index, not a {index.encoding} one")
+    m = index.matrix
+    scale = None
+    if encoding == "float16":
+        with np.errstate(over="ignore"):
+            data = m.data.astype(np.float16)
+        if not np.isfinite(data).all():
+            big = float(m.data.max())
+            raise ValueError(
+                f"a score of {big:.6g} does not fit float16 (max {np.finfo(np.float16).max}); use uint8"
+            )
+        np.maximum(data, np.float16(np.finfo(np.float16).smallest_subnormal), out=data)
+    else:
+        lens = np.diff(m.indptr)
+        row_max = np.zeros(index.n_rows, dtype=np.float32)
+        has = lens > 0
+        row_max[has] = np.maximum.reduceat(m.data, m.indptr[:-1][has].astype(np.int64)) if m.nnz else 0
+        scale = np.where(has, row_max / np.float32(255), np.float32(1)).astype(np.float32)
+        scale = np.maximum(scale, _TINY)  # a row max below 255 x the smallest float32 still gets a scale > 0
+        q = np.rint(m.data / np.repeat(scale, lens))
+        data = np.clip(q, 1, 255).astype(np.uint8)
+    out = sp.csr_matrix((data, m.indices.copy(), m.indptr.copy()), shape=m.shape)
+    out.has_sorted_indices = True
+    return CodeIndex(out, index.code_ids.copy(), index.max_per_code, encoding, scale)
+
+
 def prune(index: CodeIndex, shift: float = 0.0, max_per_code: int | None = None) -> CodeIndex:
     """The index a higher bias or a tighter cap would have built, without rescoring (for a bias sweep).
 
@@ -424,6 +533,8 @@ def prune(index: CodeIndex, shift: float = 0.0, max_per_code: int | None = None)
     """
     if shift < 0:
         raise ValueError("shift must be >= 0 (a lower cut needs entries that were never stored)")
+    if index.encoding != "float32":
+        raise ValueError("prune a float32 index (then encode_scores the result)")
     m = index.matrix
     r = np.repeat(np.arange(index.n_rows, dtype=np.int64), np.diff(m.indptr))
     data = (m.data - np.float32(shift)).astype(np.float32) if shift else m.data.copy()
@@ -456,7 +567,7 @@ def _otf_index(index: CodeIndex, codes: np.ndarray, on_the_fly: OnTheFly, max_bl
                 f"on_the_fly returned shape {scores.shape}; expected ({len(part)}, {index.n_items + 1})"
             )
         b.add(part, scores)
-    return b.finish()
+    return encode_scores(b.finish(), index.encoding)  # stored as the index stores its rows
 
 
 def _history_arrays(history: History, n_users: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -504,7 +615,9 @@ def retrieve(
     codes = np.sort(codes, axis=1)  # ascending code ids: the order score_all adds the rows in
     rows, found = index.row_of(codes)
     m = index.matrix
-    o_ptr, o_idx, o_val = m.indptr[:1] * 0, m.indices[:0], m.data[:0]
+    val, aux = index._kernel_arrays()
+    o_ptr, o_idx, o_val = m.indptr[:1] * 0, m.indices[:0], val[:0]
+    o_aux = aux if index.encoding == "float16" else aux[:0]
     o_depth = np.zeros((0, len(_DEPTHS)), dtype=np.float32)
     n_otf = 0 if found.all() else int((~found.all(axis=1)).sum())
     if n_otf:
@@ -515,7 +628,8 @@ def retrieve(
         otf = _otf_index(index, np.unique(codes[~found]), on_the_fly, otf_block_bytes)
         rows[~found] = index.n_rows + otf.row_of(codes[~found])[0]  # past the index's rows: the otf rows
         o = otf.matrix
-        o_ptr, o_idx, o_val = o.indptr.astype(m.indptr.dtype), o.indices.astype(m.indices.dtype), o.data
+        o_ptr, o_idx = o.indptr.astype(m.indptr.dtype), o.indices.astype(m.indices.dtype)
+        o_val, o_aux = otf._kernel_arrays()
         o_depth = otf._depths(np.arange(otf.n_rows))
     h_ptr, h_idx = _history_arrays(history, n_users, n_cols)
     n_chunks = max(1, min(sync_numba_threads(), n_users))
@@ -524,23 +638,58 @@ def retrieve(
     depth = index._depths(rows[found] if n_otf else rows.ravel())
     kernel = _topk_serial if n_chunks == 1 else _topk_parallel  # a parallel launch costs ~30 us
     kernel(
-        rows, index.n_rows, (m.indptr, m.indices, m.data, depth),
-        (o_ptr, o_idx, o_val, o_depth), (h_ptr, h_idx), min(k, n_cols - 1), acc, cand,
+        rows, index.n_rows, (m.indptr, m.indices, val, depth, aux),
+        (o_ptr, o_idx, o_val, o_depth, o_aux), (h_ptr, h_idx), min(k, n_cols - 1), acc, cand,
         (out.items, out.scores.view(np.int32), out.lengths),
     )  # fmt: skip
     return TopK(out.items, out.scores, out.lengths, n_otf)
 
 
 # ---- the kernel (compiled by numba; coverage does not see it)
-# Argument bundles: csr = (indptr, indices, scores, depth table) of the index, side = the same for the
-# on-the-fly rows (row r >= n_main of a user is side row r - n_main), hist = (indptr, item ids),
-# out = (items, score bits as int32, lengths) of the TopK.
+# Argument bundles: csr = (indptr, indices, stored scores, depth table, aux) of the index, side = the same
+# for the on-the-fly rows (row r >= n_main of a user is side row r - n_main), hist = (indptr, item ids),
+# out = (items, score bits as int32, lengths) of the TopK. Stored scores / aux by encoding (_kernel_arrays):
+# float32 / unused, float16 bits as uint16 / the float16 -> float32 table, uint8 / the row scales. numba
+# compiles each encoding separately; `_row_aux` and `_dequant` resolve at compile time (float32: val[j]).
+def _row_aux(val: np.ndarray, aux: np.ndarray, r: int):  # noqa: ANN202  # pragma: no cover
+    """What `_dequant` needs for row r: nothing (float32), the table (float16), the row's scale (uint8)."""
+    raise NotImplementedError  # compiled only (the overload below)
+
+
+def _dequant(val: np.ndarray, j: int, row_aux):  # noqa: ANN001, ANN202  # pragma: no cover
+    """Stored entry j as the float32 score the kernel adds."""
+    raise NotImplementedError  # compiled only (the overload below)
+
+
+@overload(_row_aux)
+def _ov_row_aux(val, aux, r):  # noqa: ANN001, ANN202  # pragma: no cover
+    if val.dtype == types.float32:
+        return lambda val, aux, r: np.float32(1)
+    if val.dtype == types.uint16:
+        return lambda val, aux, r: aux
+    if val.dtype == types.uint8:
+        return lambda val, aux, r: aux[r]
+    return None
+
+
+@overload(_dequant)
+def _ov_dequant(val, j, row_aux):  # noqa: ANN001, ANN202  # pragma: no cover
+    if val.dtype == types.float32:
+        return lambda val, j, row_aux: val[j]
+    if val.dtype == types.uint16:
+        return lambda val, j, row_aux: row_aux[np.uint64(val[j])]
+    if val.dtype == types.uint8:
+        return lambda val, j, row_aux: np.float32(val[j]) * row_aux
+    return None
+
+
 @numba.njit(cache=True, nogil=True)
 def _add_row(
-    acc: np.ndarray, idx: np.ndarray, val: np.ndarray, s: int, e: int, count: np.float32
-) -> None:  # pragma: no cover
+    acc: np.ndarray, idx: np.ndarray, val: np.ndarray, s: int, e: int, count: np.float32, row_aux
+) -> None:  # noqa: ANN001  # pragma: no cover
     for j in range(s, e):  # an unsigned index skips numba's negative-index wraparound (~12% here)
-        acc[np.uint64(idx[j])] += count * val[j]  # float32 product, then float32 sum: score_all's roundings
+        # float32 product, then float32 sum: score_all's roundings (of the dequantized score when compact)
+        acc[np.uint64(idx[j])] += count * _dequant(val, j, row_aux)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -580,8 +729,8 @@ def _serve(
     with d >= k + |history|, count x (a row's d-th best score); at least d items reach it in that row alone,
     and sums of scores > 0 only grow (float32 rounding is monotone). It is the smallest float32 > 0 when no
     level is deep enough. So the candidates hold the whole top-k, ties at the floor included."""
-    ptr, idx, val, depth = csr
-    o_ptr, o_idx, o_val, o_depth = side
+    ptr, idx, val, depth, aux = csr
+    o_ptr, o_idx, o_val, o_depth, o_aux = side
     h_ptr, h_idx = hist
     items, score_bits, lengths = out
     bits = acc.view(np.int32)
@@ -599,11 +748,11 @@ def _serve(
             q += 1
         c = np.float32(q - p)
         if r < n_main:
-            _add_row(acc, idx, val, ptr[r], ptr[r + 1], c)
+            _add_row(acc, idx, val, ptr[r], ptr[r + 1], c, _row_aux(val, aux, r))
             b = c * depth[r, lv] if lv < n_levels else floor
         else:
             s = r - n_main
-            _add_row(acc, o_idx, o_val, o_ptr[s], o_ptr[s + 1], c)
+            _add_row(acc, o_idx, o_val, o_ptr[s], o_ptr[s + 1], c, _row_aux(o_val, o_aux, s))
             b = c * o_depth[s, lv] if lv < n_levels else floor
         floor = max(floor, b)
         p = q
@@ -651,15 +800,17 @@ def _topk_parallel(
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _fill_depths(
-    ptr: np.ndarray, val: np.ndarray, rows: np.ndarray, out: np.ndarray
+    ptr: np.ndarray, val: np.ndarray, aux: np.ndarray, rows: np.ndarray, out: np.ndarray
 ) -> None:  # pragma: no cover
-    """out[r, l] = row r's _DEPTHS[l]-th best score (0 where the row is shorter), for r in rows."""
+    """out[r, l] = row r's _DEPTHS[l]-th best (dequantized) score (0 where the row is shorter), for r in rows.
+    Stored values sort like their scores (float16 > 0 bits as uint16 too), so the d-th best is decoded."""
     for j in numba.prange(len(rows)):
         r = rows[j]
         v = np.sort(val[ptr[r] : ptr[r + 1]])
         n = len(v)
+        ra = _row_aux(val, aux, r)
         for lv in range(len(_DEPTHS)):
-            out[r, lv] = v[n - _DEPTHS[lv]] if _DEPTHS[lv] <= n else 0
+            out[r, lv] = _dequant(v, n - _DEPTHS[lv], ra) if _DEPTHS[lv] <= n else 0
 
 
 # ------------------------------------------------------------------------------------------- dense reference
@@ -747,6 +898,8 @@ def concat_code_indexes(parts: list[CodeIndex]) -> CodeIndex:
     parts = [p for p in parts if p.n_rows] or parts[:1]
     if not parts:
         raise ValueError("no index parts")
+    if any(p.encoding != "float32" for p in parts):
+        raise ValueError("concatenate float32 index parts (then encode_scores the result)")
     caps = {p.max_per_code for p in parts}
     if len(caps) > 1:
         raise ValueError(f"index parts built with different max_per_code: {sorted(caps, key=str)}")
