@@ -279,7 +279,8 @@ def candidate_recall(model: SparCode, ds: Dataset, batch_size: int = 512) -> tup
     for s in range(0, len(es.users), batch_size):
         rows = np.arange(s, min(s + batch_size, len(es.users)))
         hist = last_items(es.query, rows, max_history)
-        scores = model.score_all(query_batch(hist, ds.features.user_feats[es.users[rows]].astype(np.int64)))
+        users = es.users[rows]  # the user ids too: a `user_id` model (Gowalla's recipe) reads them
+        scores = model.score_all(query_batch(hist, ds.features.user_feats[users].astype(np.int64), users))
         ok = (scores > 0).numpy()
         ok[:, 0] = False
         for j, r in enumerate(rows):
