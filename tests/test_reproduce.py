@@ -112,6 +112,51 @@ def test_dataset_set_reaches_that_datasets_runs_only() -> None:
         assert not any("user_id" in o or "train.lr" in o for o in ov[key]), key
 
 
+def test_a_dataset_can_sweep_its_own_codebook_grid() -> None:
+    raw = {
+        "m": {"datasets": ["a", "b"], "models": ["two-tower", "sparcode"], "sweeps": ["codebook"]},
+        "sweep": {
+            "codebook": {
+                "n_codewords": [16, 64],
+                "k_u": [1, 4],
+                "max_steps": 50,
+                "datasets": {"b": {"n_codewords": [1024, 4096, 16384], "k_u": [1], "max_steps": 0}},
+            }
+        },
+    }
+    plan = expand("m", raw=raw)
+    grid = {
+        d: sorted(
+            (dict(t.variant)["n_codewords"], dict(t.variant)["k_u"])
+            for t in plan.trains
+            if t.dataset == d and t.variant
+        )
+        for d in ("a", "b")
+    }
+    assert grid["a"] == [(16, 1), (16, 4), (64, 1), (64, 4)]
+    assert grid["b"] == [(1024, 1), (4096, 1), (16384, 1)]
+    budgets = {
+        t.dataset: [o for o in t.overrides if o.startswith("train.max_steps")]
+        for t in plan.trains
+        if t.variant
+    }
+    assert budgets == {"a": ["train.max_steps=50"], "b": []}  # b: max_steps 0 = the main budget (none here)
+    raw["sweep"]["codebook"]["datasets"]["b"]["codewords"] = [8]
+    with pytest.raises(UserError, match=r"sweep\.codebook\.datasets\.b.*codewords"):
+        expand("m", raw=raw)
+
+
+def test_the_repository_sweeps_gowallas_flat_codebook() -> None:
+    plan = expand("reproduce-full", datasets=["gowalla"])
+    main = next(t for t in plan.trains if t.model == "sparcode" and not t.variant and t.interaction == "mlp")
+    assert {"model.m=1", "model.n_codewords=16384", "model.k_u=1"} <= set(main.overrides)
+    sweep = sorted(dict(t.variant)["n_codewords"] for t in plan.trains if t.variant)
+    assert sweep == [1024, 4096, 16384]
+    target = expand("target", datasets=["gowalla"])
+    same = next(t for t in target.trains if t.model == "sparcode" and t.seed == 0 and t.encoder == "dnn")
+    assert same.overrides == main.overrides  # target's seed 0 is reproduce-full's run, reused
+
+
 def test_each_matrix_reports_into_its_own_folder() -> None:
     """reproduce-full's movielens.md must not overwrite `make reproduce`'s (the README's table)."""
     folders = {

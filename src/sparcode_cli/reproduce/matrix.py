@@ -62,6 +62,22 @@ SWEEP_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+CODEBOOK_KEYS = ("n_codewords", "k_u", "max_steps", "set")
+
+
+def codebook_grid(sweep: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """[sweep.codebook] with [sweep.codebook.datasets.<dataset>] over it: a dataset whose SparCode recipe has
+    another quantizer (Gowalla's one flat codebook) sweeps its own grid."""
+    own = dict(sweep.get("datasets", {}).get(dataset, {}))
+    unknown = set(own) - set(CODEBOOK_KEYS)
+    if unknown:
+        raise UserError(
+            f"unknown key(s) in [sweep.codebook.datasets.{dataset}]: {', '.join(sorted(unknown))}",
+            f"valid: {', '.join(CODEBOOK_KEYS)}",
+        )
+    return {k: v for k, v in {**sweep, **own}.items() if k != "datasets"}
+
+
 def dataset_label(name: str) -> str:
     """A registry name as is; a file path by its stem (`data/my.csv` -> `my`), as `sparcode preprocess` names it."""
     p = Path(name)
@@ -311,10 +327,11 @@ def expand(
             for f in sweeps["bias"]["density_factors"]:
                 cell(base, "bias", "sparse", (("density_factor", float(f)),))
         if "codebook" in sweeps_on and "sparcode" in models:
-            steps = int(sweeps["codebook"].get("max_steps", 0)) or None
-            extra = tuple(str(x) for x in sweeps["codebook"].get("set", []))
-            for n in sweeps["codebook"]["n_codewords"]:
-                for k in sweeps["codebook"]["k_u"]:
+            grid = codebook_grid(sweeps["codebook"], dataset)
+            steps = int(grid.get("max_steps", 0)) or None
+            extra = tuple(str(x) for x in grid.get("set", []))
+            for n in grid["n_codewords"]:
+                for k in grid["k_u"]:
                     s = run(
                         dataset,
                         "sparcode",

@@ -340,6 +340,7 @@ def codebook_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "n_codewords": int(var.get("n_codewords", 0)),
+                "m": len(stats["codes_in_use"]) if stats.get("codes_in_use") else None,
                 "k_u": int(var.get("k_u", 0)),
                 "codes_built": int(man.get("n_codes_built") or 0),
                 "universe": int(man.get("n_codes_universe") or 0),
@@ -654,7 +655,9 @@ def write_report(
         )
         L += ["", render_bias(b_rows), "", f"![sparsity sweep]({png.name})"]
     if c_rows:
-        png = plots.codebook(c_rows, results / f"{safe}-codebook.png", f"{label}: codebook sweep (M = 2)")
+        ms = sorted({r["m"] for r in c_rows if r.get("m")})
+        m_txt = f" (M = {ms[0]})" if len(ms) == 1 else ""
+        png = plots.codebook(c_rows, results / f"{safe}-codebook.png", f"{label}: codebook sweep{m_txt}")
         L += ["", "## Codebook sweep", ""]
         L.append(
             f"One run per (N, K_u), seed {first_seed}, {enc0} encoder, same budget and warm start. *Codes in use* = "
