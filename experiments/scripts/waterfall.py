@@ -155,7 +155,7 @@ def read_runs(folders: list[Path]) -> tuple[dict[str, Run], list[str]]:
 
 
 def is_main_sparcode(run: Run, defaults: dict[str, Any], sweep_steps: int) -> bool:
-    """SparCode with interaction mlp and the default codebook, not a codebook-sweep point."""
+    """SparCode with interaction mlp and its dataset's main codebook (`main_config`), not a codebook-sweep point."""
     return (
         run.model_cfg("interaction") == "mlp"
         and all(run.model_cfg(k) == defaults[k] for k in ("n_codewords", "k_u", "m"))
@@ -163,12 +163,20 @@ def is_main_sparcode(run: Run, defaults: dict[str, Any], sweep_steps: int) -> bo
     )
 
 
-def group_runs(
-    runs: dict[str, Run], defaults: dict[str, Any], sweep_steps: int, notes: list[str]
-) -> list[Triple]:
+def main_config(spec: dict[str, Any], dataset: str) -> tuple[dict[str, Any], int]:
+    """(SparCode's model config, the codebook sweep's step budget) of `dataset`'s main runs: experiments/
+    sparcode.toml under the reproduce-full matrix's dataset_set (Gowalla's flat codebook) and the dataset's own
+    codebook grid."""
+    recipe = spec["reproduce-full"].get("dataset_set", {}).get(dataset, {}).get("sparcode", [])
+    model = load_config("sparcode", overrides=[o for o in recipe if o.startswith("model.")])["model"]
+    grid = {**spec["sweep"]["codebook"], **spec["sweep"]["codebook"].get("datasets", {}).get(dataset, {})}
+    return model, int(grid.get("max_steps", 0))
+
+
+def group_runs(runs: dict[str, Run], spec: dict[str, Any], notes: list[str]) -> list[Triple]:
     triples = []
     for sp in runs.values():
-        if sp.model != "sparcode" or not is_main_sparcode(sp, defaults, sweep_steps):
+        if sp.model != "sparcode" or not is_main_sparcode(sp, *main_config(spec, str(sp.meta["dataset"]))):
             continue
         tt = runs.get(sp.init_id or "")
         if tt is None:
@@ -590,9 +598,8 @@ def main(argv: list[str]) -> None:
     spec = tomllib.loads((REPO / "experiments" / "reproduce.toml").read_text())
     samples = dict(spec["reproduce-full"].get("eval_users", {}))  # dataset -> test users scored (a sample)
     sample_seed = int(spec["settings"]["sample_seed"])
-    sweep_steps = int(spec["sweep"]["codebook"].get("max_steps", 0))
     runs, notes = read_runs(args.runs)
-    triples = group_runs(runs, load_config("sparcode")["model"], sweep_steps, notes)
+    triples = group_runs(runs, spec, notes)
     infos: dict[str, DatasetInfo] = {}
     datasets: dict[str, Dataset] = {}
     checks: list[Check] = []
