@@ -525,3 +525,18 @@ def test_order_aware_encoders_are_skipped_on_unordered_data(tmp_path: Path) -> N
     for e in ("sasrec", "gru4rec"):
         assert by[("two-tower", e)].note == f"bag is unordered: {e} reads order"
     assert by[("two-tower", "dnn")].status == by[("sparcode", "dnn")].status == "queued"
+
+
+def test_only_all_to_all_validates_on_the_eval_users_sample(tmp_path: Path) -> None:
+    from sparcode_cli.reproduce.runner import TrainJob, _payload
+
+    plan = expand("reproduce-full", datasets=["gowalla"])
+    seen = set()
+    for spec in plan.trains:
+        if spec.model in seen:
+            continue
+        seen.add(spec.model)
+        job = TrainJob(spec, {}, "rid", tmp_path / "rid", tmp_path, 2000, None)
+        payload = _payload(job, plan, tmp_path)
+        assert payload["sample"] == (2000 if spec.model == "all-to-all" else 0), spec.model
+    assert {"two-tower", "sparcode", "all-to-all"} <= seen

@@ -598,7 +598,8 @@ def write_report(
     L.append(
         f"Protocol: split `{split}`, {n_users if n_users is not None else '?'} evaluated users"
         + (
-            f" (a fixed seeded sample of {sampled} test users; sample seed {plan.settings['sample_seed']})"
+            f" (a fixed seeded sample of {sampled} test users; sample seed {plan.settings['sample_seed']}; "
+            "checkpoints are selected on all validation users, all-to-all's on the same sample of them)"
             if sampled
             else ""
         )

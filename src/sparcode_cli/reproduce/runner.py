@@ -124,10 +124,17 @@ def _note(run_dir: Path, plan: Plan) -> str:
     return head + f"{s.get('steps', 0)} steps · {s.get('train_time_s', 0):.0f} s train"
 
 
+# Models that select their checkpoint on the eval_users sample of validation: the brute-force ceiling, whose
+# exact scoring of every Gowalla user at every validation would cost more than its training. Every other model
+# validates on all validation users (on Gowalla's 2,000-user sample the warm start and the trained SparCode were
+# 0.004 Recall@20 apart in one direction, on all 29,858 users 0.001 in the other).
+SAMPLED_VALIDATION = ("all-to-all",)
+
+
 def _payload(job: TrainJob, plan: Plan, out: Path) -> dict[str, Any]:
     return {
         "folder": str(job.folder),
-        "sample": job.sample,
+        "sample": job.sample if job.spec.model in SAMPLED_VALIDATION else 0,
         "sample_seed": int(plan.settings["sample_seed"]),
         "model": job.spec.model,
         "overrides": list(job.spec.overrides),
