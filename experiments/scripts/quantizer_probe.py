@@ -38,6 +38,7 @@ from sparcode_cli.metrics import evaluate  # noqa: E402
 from sparcode_cli.models.base import QueryBatch  # noqa: E402
 from sparcode_cli.models.sparcode import SparCode  # noqa: E402
 from sparcode_cli.provenance import code_digest  # noqa: E402
+from sparcode_cli.reproduce.matrix import expand  # noqa: E402
 
 # (label, model-key overrides); {} is the run's own config
 GRID: list[tuple[str, dict[str, Any]]] = [
@@ -108,8 +109,7 @@ def run_of(path: Path) -> W.Run:
 
 
 def sample_size(dataset: str) -> int:
-    raw = tomllib.loads((W.REPO / "experiments" / "reproduce.toml").read_text())
-    return int(raw.get("reproduce-full", {}).get("eval_users", {}).get(dataset, 0))
+    return int(expand("reproduce-full", datasets=[dataset]).spec["eval_users"].get(dataset, 0))
 
 
 def probe(tt: W.Run, sp: W.Run) -> list[str]:
@@ -134,9 +134,13 @@ def probe(tt: W.Run, sp: W.Run) -> list[str]:
         f"{t['recall@50']:.4f} | – | – |"
     )
     skipped: list[str] = []  # k-means of fewer users than codewords is not a codebook
+    own_row = ""
     for label, ov in GRID:
         if int(ov.get("n_codewords", 0)) > ds.n_users:
             skipped.append(label)
+            continue
+        if ov and all(sp.model_cfg(k) == v for k, v in ov.items()):  # the run's own config: its row again
+            L.append(f"| {label} |" + own_row.split("|", 2)[2])
             continue
         t0 = time.perf_counter()
         m = W.warm_start(tt, sp, ds, ov)
@@ -148,6 +152,8 @@ def probe(tt: W.Run, sp: W.Run) -> list[str]:
             f"| {label} | {m.n_codes:,} | {v['recall@20']:.4f} | {v['recall@50']:.4f} | {c.r20:.4f} | {c.r50:.4f} | "
             f"{c.cand:.3f} | {mb:,.1f} |"
         )
+        if not ov:
+            own_row = L[-1]
         print(f"{dataset} {label}: {time.perf_counter() - t0:.0f} s", flush=True)
     if ds.n_users <= OWN_ROWS_MAX_USERS:
         m = W.warm_start(tt, sp, ds, {"k_u": 1, "head_noise": 0.0})

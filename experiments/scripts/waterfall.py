@@ -37,6 +37,7 @@ the same fixed seeded test-user sample as the reproduce-full matrix (`reproduce.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -62,6 +63,7 @@ from sparcode_cli.models.base import DataContext, QueryBatch
 from sparcode_cli.models.sparcode import SparCode
 from sparcode_cli.paths import processed_root
 from sparcode_cli.reproduce import jobs
+from sparcode_cli.reproduce.matrix import codebook_grid, expand
 from sparcode_cli.training.trainer import seed_everything
 
 REPO = Path(__file__).resolve().parents[2]
@@ -163,20 +165,20 @@ def is_main_sparcode(run: Run, defaults: dict[str, Any], sweep_steps: int) -> bo
     )
 
 
-def main_config(spec: dict[str, Any], dataset: str) -> tuple[dict[str, Any], int]:
-    """(SparCode's model config, the codebook sweep's step budget) of `dataset`'s main runs: experiments/
-    sparcode.toml under the reproduce-full matrix's dataset_set (Gowalla's flat codebook) and the dataset's own
-    codebook grid."""
-    recipe = spec["reproduce-full"].get("dataset_set", {}).get(dataset, {}).get("sparcode", [])
-    model = load_config("sparcode", overrides=[o for o in recipe if o.startswith("model.")])["model"]
-    grid = {**spec["sweep"]["codebook"], **spec["sweep"]["codebook"].get("datasets", {}).get(dataset, {})}
-    return model, int(grid.get("max_steps", 0))
+@functools.cache
+def main_config(dataset: str) -> tuple[dict[str, Any], int]:
+    """(SparCode's model config, the codebook sweep's step budget) of `dataset`'s main runs, as the reproduce-full
+    matrix trains them (its dataset_set recipe, e.g. Gowalla's flat codebook, and the dataset's codebook grid)."""
+    plan = expand("reproduce-full", datasets=[dataset])
+    main = next(t for t in plan.trains if t.model == "sparcode" and not t.variant)
+    model = load_config("sparcode", overrides=list(main.overrides))["model"]
+    return model, int(codebook_grid(plan.sweeps["codebook"], dataset).get("max_steps", 0))
 
 
-def group_runs(runs: dict[str, Run], spec: dict[str, Any], notes: list[str]) -> list[Triple]:
+def group_runs(runs: dict[str, Run], notes: list[str]) -> list[Triple]:
     triples = []
     for sp in runs.values():
-        if sp.model != "sparcode" or not is_main_sparcode(sp, *main_config(spec, str(sp.meta["dataset"]))):
+        if sp.model != "sparcode" or not is_main_sparcode(sp, *main_config(str(sp.meta["dataset"]))):
             continue
         tt = runs.get(sp.init_id or "")
         if tt is None:
@@ -612,7 +614,7 @@ def main(argv: list[str]) -> None:
     samples = dict(spec["reproduce-full"].get("eval_users", {}))  # dataset -> test users scored (a sample)
     sample_seed = int(spec["settings"]["sample_seed"])
     runs, notes = read_runs(args.runs)
-    triples = group_runs(runs, spec, notes)
+    triples = group_runs(runs, notes)
     infos: dict[str, DatasetInfo] = {}
     datasets: dict[str, Dataset] = {}
     checks: list[Check] = []
