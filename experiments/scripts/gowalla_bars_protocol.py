@@ -21,7 +21,6 @@ import dataclasses
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +55,14 @@ def bars_dataset(folder: Path):  # noqa: ANN201
     return dataclasses.replace(ds, data_hash=ds.data_hash + "-bars", train=train, valid=ds.test)
 
 
+def validated_epochs(run_dir: Path) -> list[dict[str, float]]:
+    """Each validated epoch's validation metrics, in order."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["valid"] for r in rows if r.get("valid")]
+
+
 def curve(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x)["valid"]["recall@20"] for x in lines if json.loads(x).get("valid")]
+    return [v["recall@20"] for v in validated_epochs(run_dir)]
 
 
 def main() -> None:
@@ -85,8 +89,8 @@ def main() -> None:
     if state != "finished":
         train(ds, cfg, a.runs, console=Console(file=io.StringIO()), progress=False, resume=state == "partial")
     res = json.loads((run_dir / "results.json").read_text())
-    bars_curve = curve(run_dir)
-    lines = [x for x in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(x).get("valid")]
+    epochs = validated_epochs(run_dir)
+    bars_curve = [v["recall@20"] for v in epochs]
     L = [
         "# The Gowalla two-tower under BARS's protocol (issue #12)",
         "",
@@ -105,8 +109,8 @@ def main() -> None:
             f"| ours (honest) | 90% of training items | validation (10% carved out) | {honest_epoch} | "
             f"{h['test']['recall@20']:.4f} | {h['test']['ndcg@20']:.4f} | `{a.honest.name}` |"
         )
-    if honest_epoch is not None and honest_epoch <= len(lines):
-        e = json.loads(lines[honest_epoch - 1])["valid"]
+    if honest_epoch is not None and honest_epoch <= len(epochs):
+        e = epochs[honest_epoch - 1]
         L.append(
             f"| refit (honest) | all training items | the honest run's epoch | {honest_epoch} | "
             f"{e['recall@20']:.4f} | {e['ndcg@20']:.4f} | `{run_dir.name}` |"
@@ -132,5 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

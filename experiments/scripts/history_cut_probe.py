@@ -10,9 +10,9 @@ Prints one line per variant; the table is in experiments/results/rejected-row-co
 """
 
 import sys
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,10 +26,10 @@ from sparcode_cli.metrics import evaluate
 torch.set_num_threads(1)
 R = Path(sys.argv[1])
 tt, spr = run_of(R / sys.argv[2]), run_of(R / sys.argv[3])
-ov = eval(sys.argv[4]) if len(sys.argv) > 4 else {}
 ds, _ = W.load_data(str(tt.meta["data_hash"]), 0, 0)
-m = W.warm_start(tt, spr, ds, ov)
+m = W.warm_start(tt, spr, ds)
 mh = int(m.cfg["max_history"])
+dens = float(m.target_density)  # the run's own: 0.05
 users = training_users(ds)
 codes = torch.cat([m.codes(q) for q in training_queries(ds, mh)]).numpy()  # (U, K_u)
 ku = codes.shape[1]
@@ -93,13 +93,12 @@ for label, g in (
     + [(f"drop f>={phi}", G - BIG * (Ft >= phi).float()) for phi in (1.0, 0.75, 0.5, 0.25)]
     + [(f"soft lam={lam}", G - lam * Ft) for lam in (1.0, 2.0, 4.0)]
 ):
-    for dens in (0.05,):
-        rows = cut(g, dens)
-        rows = torch.where(g < -BIG / 2, torch.zeros_like(rows), rows)
-        mod = Rows(rows)
-        v = evaluate(mod, ds, "valid", (20, 50)).summary
-        t = evaluate(mod, ds, "test", (20, 50)).summary
-        print(
-            f"{label:16s} dens {dens}: valid {v['recall@20']:.4f} {v['recall@50']:.4f} test {t['recall@20']:.4f} {t['recall@50']:.4f}",
-            flush=True,
-        )
+    rows = cut(g, dens)
+    rows = torch.where(g < -BIG / 2, torch.zeros_like(rows), rows)
+    mod = Rows(rows)
+    v = evaluate(mod, ds, "valid", (20, 50)).summary
+    t = evaluate(mod, ds, "test", (20, 50)).summary
+    print(
+        f"{label:16s} dens {dens}: valid {v['recall@20']:.4f} {v['recall@50']:.4f} test {t['recall@20']:.4f} {t['recall@50']:.4f}",
+        flush=True,
+    )
