@@ -40,7 +40,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from sparcode_cli.models.fused_table import row_cut, split_mlp_table
+    from sparcode_cli.models.fused_table import row_cut, split_mlp_table, split_mlp_table_cut
     from sparcode_cli.retrieval import faiss_index as fi
     from sparcode_cli.retrieval.sparse_index import CSRBuilder
     from sparcode_cli.timing import median_time
@@ -58,12 +58,17 @@ def main() -> None:
     def table(s: int) -> torch.Tensor:
         return split_mlp_table(a_all[s : s + c], b, w, z_all[s : s + c], t, 0.1)
 
+    def table_cut(s: int) -> torch.Tensor:
+        return split_mlp_table_cut(a_all[s : s + c], b, w, z_all[s : s + c], t, 0.1, args.density, 0.0, 1e-6)
+
     with torch.inference_mode():
         gs = [table(s * c) for s in range(args.sample)]  # also compiles / loads the kernels
         t_table = median_time(lambda: [table(s * c) for s in range(args.sample)], args.repeats) / args.sample
         t_cut = median_time(lambda: [row_cut(x.clone(), args.density, 0.0, 1e-6) for x in gs], args.repeats)
         t_clone = median_time(lambda: [x.clone() for x in gs], args.repeats)
         t_cut = (t_cut - t_clone) / args.sample
+        table_cut(0)
+        t_fused = median_time(lambda: [table_cut(s * c) for s in range(args.sample)], args.repeats) / args.sample
         cut = [row_cut(x.clone(), args.density, 0.0, 1e-6).numpy() for x in gs]
 
         def csr() -> None:
@@ -77,17 +82,23 @@ def main() -> None:
         ma, mb = torch.randn(c, f), torch.randn(f, args.items)
         torch.mm(ma, mb)
         mm = pairs / median_time(lambda: torch.mm(ma, mb), max(5, args.repeats))
-    per = t_table + t_cut + t_csr
+    stages = (
+        ("cross table", t_table),
+        ("row cut", t_cut),
+        ("table + cut, one kernel", t_fused),
+        ("CSR append", t_csr),
+        ("build (one kernel + CSR)", t_fused + t_csr),
+    )
     print(f"{args.threads} thread(s); {c} codes x {args.items:,} items per chunk; median of {args.repeats}")
-    for name, s in (("cross table", t_table), ("row cut", t_cut), ("CSR append", t_csr), ("build", per)):
-        print(f"  {name:12s} {pairs / s / 1e6:8.1f} M pairs/s = {pairs / s / mm:.3f} x matmul")
+    for name, s in stages:
+        print(f"  {name:24s} {pairs / s / 1e6:8.1f} M pairs/s = {pairs / s / mm:.3f} x matmul")
     print(f"  matmul reference {mm / 1e6:.1f} M pairs/s (F = {f} multiply-adds per pair)")
     if not args.no_full:
         t0 = time.perf_counter()
         with torch.inference_mode():
             bld = CSRBuilder(args.items)
             for s in range(0, args.codes, c):
-                x = row_cut(table(s), args.density, 0.0, 1e-6)
+                x = table_cut(s)
                 bld.add(np.arange(s, min(s + c, args.codes)), x.numpy())
             index = bld.finish()
         dt = time.perf_counter() - t0

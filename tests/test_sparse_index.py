@@ -226,6 +226,27 @@ def test_chunked_build_equals_one_shot_and_any_chunk_order() -> None:
         build_csr_from_chunks([(codes[:3], table[:3]), (codes[2:4], table[2:4])], 70)
 
 
+def test_compiled_append_equals_the_numpy_path() -> None:
+    """A C-contiguous float32 chunk without a cap takes the compiled gather; a float64 or strided one the
+    numpy mask: the same CSR. A non-finite kept score names its code either way."""
+    rng = np.random.default_rng(9)
+    table = dyadic_table(rng, 21, 90, density=0.2)
+    table[4] = -1.0  # an empty row
+    codes = np.arange(50, 71)
+    fast = build_csr_from_chunks([(codes, table)], 90)
+    for slow_table in (table.astype(np.float64), np.asfortranarray(table)):
+        slow = build_csr_from_chunks([(codes, slow_table)], 90)
+        assert (slow.matrix != fast.matrix).nnz == 0
+        np.testing.assert_array_equal(slow.matrix.indptr, fast.matrix.indptr)
+        np.testing.assert_array_equal(slow.matrix.indices, fast.matrix.indices)
+    assert fast.matrix.getrow(4).nnz == 0
+    np.testing.assert_array_equal(fast.matrix.toarray(), capped(table, None))
+    for bad_table in (table.copy(), table.astype(np.float64)):
+        bad_table[7, 3] = np.inf
+        with pytest.raises(ValueError, match="non-finite score for code 57"):
+            build_csr_from_chunks([(codes, bad_table)], 90)
+
+
 def test_row_of() -> None:
     index = build(np.ones((4, 5), dtype=np.float32), np.array([0, 1, 2, 3]))
     index = CodeIndex(index.matrix, np.array([3, 10, 11, 40]))

@@ -129,6 +129,12 @@ class Interaction(nn.Module):
         o = torch.bmm(alpha.transpose(0, 1), it.v).transpose(0, 1)  # (C, I, H)
         return dot + self.out(F.relu(o + c.u[:, None, :])).squeeze(-1)
 
+    def table_cut(self, c: CodeSide, it: ItemSide, density: float, bias: float, eps: float) -> Tensor:
+        """The compiled `table` with every row cut as fused_table.row_cut does, in the same kernel (the
+        compiled path only: `_compiled` must hold)."""
+        w = self.out.weight.reshape(-1)
+        return fused_table.split_mlp_table_cut(c.a, it.b, w, c.z, it.tsum, self.tau, density, bias, eps)
+
     def paired(self, c: CodeSide, it: ItemSide) -> Tensor:
         """Row-wise: c (B, K, ...) codes against it (B, ...) one item per row -> (B, K)."""
         dot = (c.z * it.tsum.unsqueeze(1)).sum(-1) / self.tau

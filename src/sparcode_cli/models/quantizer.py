@@ -113,10 +113,19 @@ class ProductQuantizer(nn.Module):
         """(T, D) -> (M, T, D/M)."""
         return z.reshape(-1, self.M, self.sub).transpose(0, 1)
 
-    @staticmethod
-    def _nearest(x: Tensor, cb: Tensor) -> Tensor:
-        """x (T, d), cb (N, d) -> (T,) nearest codeword (squared L2; ||x||^2 is constant per row)."""
-        return torch.addmm((cb * cb).sum(-1).unsqueeze(0), x, cb.T, alpha=-2.0).argmin(-1)
+    NEAREST_ROWS = 256  # rows per distance block: 16 MB at N = 16,384, so the argmin reads it from cache
+
+    @classmethod
+    def _nearest(cls, x: Tensor, cb: Tensor) -> Tensor:
+        """x (T, d), cb (N, d) -> (T,) nearest codeword (squared L2; ||x||^2 is constant per row). In row
+        blocks: one (T, N) block of 1,024 x 16,384 went through memory twice, 1.6x slower (the same ids)."""
+        sq = (cb * cb).sum(-1).unsqueeze(0)
+        rows = cls.NEAREST_ROWS
+        if len(x) <= rows:
+            return torch.addmm(sq, x, cb.T, alpha=-2.0).argmin(-1)
+        return torch.cat(
+            [torch.addmm(sq, x[s : s + rows], cb.T, alpha=-2.0).argmin(-1) for s in range(0, len(x), rows)]
+        )
 
     def _assign_inputs(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """flat (T, D) -> (idx (T, M), x (M, T, d)): each codebook's input (a chunk; or, residual, what the

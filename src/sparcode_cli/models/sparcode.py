@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparcode_cli.errors import UserError
-from sparcode_cli.models import fused_table
 from sparcode_cli.models.base import DataContext, QueryBatch, TrainOutput
 from sparcode_cli.models.interaction import CodeSide, TokenCross
 from sparcode_cli.models.quantizer import ProductQuantizer
@@ -84,9 +83,6 @@ class SparCode(TokenCross):
 
     PROBE_CODES, PROBE_ITEMS, PROBE_SEED = 256, 1024, 20231130
     CODE_BLOCK = 32
-    COMPILED_BLOCK = (
-        256  # codes per compiled-kernel call, a multiple of CODE_BLOCK (42 MB of rows on Gowalla)
-    )
     ROW_CACHE_BYTES = 1 << 30  # eval-mode cache of code rows (score_all)
     STD_EPS = 1e-6
 
@@ -253,18 +249,16 @@ class SparCode(TokenCross):
         z = self.quantizer.decode(ids)
         blocks = []
         if self.interaction._compiled(side.b):
-            # the compiled kernels compute every element and every row's cut on their own: only the code side
-            # (a matmul) needs the fixed blocks, the table and the cut take COMPILED_BLOCK codes per call
-            for s in range(0, len(z), self.COMPILED_BLOCK):
-                zb = z[s : s + self.COMPILED_BLOCK]
-                sides = [
-                    self.interaction.code_side(zb[p : p + self.CODE_BLOCK])
-                    for p in range(0, len(zb), self.CODE_BLOCK)
-                ]
-                cs = CodeSide(torch.cat([c.z for c in sides]), torch.cat([c.a for c in sides]))
-                g = self.interaction.table(cs, side)
-                blocks.append(fused_table.row_cut(g, float(self.row_density), float(self.bias), self.STD_EPS))
-            out = torch.cat(blocks)[:n]
+            # the compiled kernel computes every element and every row's cut on its own: only the code side (a
+            # matmul) needs the fixed blocks; one call writes every row, and the rows are returned as they are
+            sides = [
+                self.interaction.code_side(z[p : p + self.CODE_BLOCK])
+                for p in range(0, len(z), self.CODE_BLOCK)
+            ]
+            cs = CodeSide(torch.cat([c.z for c in sides]), torch.cat([c.a for c in sides]))
+            out = self.interaction.table_cut(
+                cs, side, float(self.row_density), float(self.bias), self.STD_EPS
+            )[:n]
             return out if items is None else out[:, items.reshape(-1)]
         for s in range(0, len(z), self.CODE_BLOCK):
             g = self._normalise_rows(
