@@ -470,23 +470,29 @@ class CSRBuilder:
         codes = np.concatenate(self._codes) if self._codes else np.zeros(0, dtype=np.int64)
         lens = np.concatenate(self._lens) if self._lens else np.zeros(0, dtype=np.int64)
         idx_dtype = np.int32 if self.nnz < 2**31 and self.n_items + 1 < 2**31 else np.int64
-        indptr = np.zeros(len(codes) + 1, dtype=np.int64)
-        np.cumsum(lens, out=indptr[1:])
-        indices = (
-            np.concatenate(self._indices).astype(idx_dtype, copy=False)
-            if self._indices
-            else np.zeros(0, idx_dtype)
-        )
-        data = np.concatenate(self._data) if self._data else np.zeros(0, np.float32)
-        self._codes, self._lens, self._indices, self._data = [], [], [], []
-        shape = (len(codes), self.n_items + 1)
-        m = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)), shape=shape)
-        if len(codes) > 1 and not np.all(np.diff(codes) > 0):
+        dst_row = np.arange(len(codes))
+        if len(codes) > 1 and not np.all(np.diff(codes) > 0):  # rows into code order
             order = np.argsort(codes, kind="stable")
             codes = codes[order]
             if np.any(np.diff(codes) == 0):
                 raise ValueError(f"code id {codes[np.flatnonzero(np.diff(codes) == 0)[0]]} was added twice")
-            m = m[order]
+            dst_row[order] = np.arange(len(codes))
+            lens = lens[order]
+        indptr = np.zeros(len(codes) + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        # each chunk's rows copied once, straight to their places (no concatenation, then a permuted copy:
+        # fresh pages cost more than the copy here)
+        indices, data = np.empty(self.nnz, dtype=idx_dtype), np.empty(self.nnz, dtype=np.float32)
+        first = 0
+        for part_lens, part_indices, part_data in zip(self._lens, self._indices, self._data, strict=True):
+            part_ptr = np.zeros(len(part_lens) + 1, dtype=np.int64)
+            np.cumsum(part_lens, out=part_ptr[1:])
+            rows = dst_row[first : first + len(part_lens)]
+            _scatter_rows(part_ptr, rows, indptr, part_indices, part_data, indices, data)
+            first += len(part_lens)
+        self._codes, self._lens, self._indices, self._data = [], [], [], []
+        shape = (len(codes), self.n_items + 1)
+        m = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)), shape=shape)
         m.has_sorted_indices = True
         return CodeIndex(m, codes, self.max_per_code)
 
@@ -949,3 +955,21 @@ def _gather_positive(
                 cols[j] = i
                 vals[j] = v
                 j += 1
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _scatter_rows(
+    src_ptr: np.ndarray,
+    dst_rows: np.ndarray,
+    dst_ptr: np.ndarray,
+    src_indices: np.ndarray,
+    src_data: np.ndarray,
+    dst_indices: np.ndarray,
+    dst_data: np.ndarray,
+) -> None:  # pragma: no cover
+    """Source row r (src_ptr) becomes destination row dst_rows[r] (dst_ptr)."""
+    for r in numba.prange(len(dst_rows)):
+        s, d = src_ptr[r], dst_ptr[dst_rows[r]]
+        for j in range(src_ptr[r + 1] - s):
+            dst_indices[d + j] = src_indices[s + j]
+            dst_data[d + j] = src_data[s + j]
