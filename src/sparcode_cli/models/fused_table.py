@@ -8,16 +8,17 @@ GFLOP/s on one core. This kernel is blocked over codes x items: a task takes 16 
 side stored item-major so the inner loops are vectorised over items, each item-side row loaded once for the
 16 codes, the accumulators in L1. The ReLU layer is rewritten as ReLU(a + b) = max(b, -a) + a, so an element
 costs one max and one FMA, and sum_k w_k a_ck is one number per code. Per (code, item) pair that is D FMAs
-(the dot path, as in a matmul) plus 2 K_i H vector operations, against the matmul reference's D + K_i H: with
-the ReLU layer's extra max, and 256-bit vectors (LLVM's choice on this CPU, where the matmul uses 512-bit),
-the pair rate is bounded near a third of the matmul's; 1.4-1.6x the previous per-pair kernel, measured.
+(the dot path, as in a matmul) plus 2 K_i H vector operations, against the matmul reference's D + K_i H
+FMAs: at the same vector width (512 bits on AVX-512 hosts, numba_runtime.py) the pair rate is bounded by
+(D + K_i H) / (D + 2 K_i H) of the matmul's, 2/3 at the paper's shape (D 64, K_i 2, H 32); measured ~0.5.
 
 `row_cut`: SparCode's per-code cut of a table in place, ReLU((g - theta_c) / s_c + b): theta_c the row's
 (1 - density) quantile over items 1..n (exact: a strided sample bounds it from below, and only the
-values above the bound, ~2x the kept ones, are partitioned), s_c the row's std. This is
+values above the bound, ~2x the kept ones, are selected from), s_c the row's std. This is
 ReLU(g~ - theta~_c + b) of `SparCode.score_codes` with g~ = (g - mean) / s: standardisation is monotone within
-a row, so the quantile commutes with it and the mean cancels; one read of the row for the std, one selection,
-one write, instead of torch's mean, std, kthvalue and ReLU passes.
+a row, so the quantile commutes with it and the mean cancels; two reads of the row for the moments, one
+selection, one write, instead of torch's mean, std, kthvalue and ReLU passes. `split_mlp_table_cut` runs
+both in one kernel, a code group's rows cut right after they are computed (1.25x the two calls, measured).
 
 Every output element (and every row's threshold) is computed by one thread in a fixed order, so values do
 not depend on how codes are chunked or on the thread count. Used only without autograd (training keeps the
