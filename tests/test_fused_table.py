@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparcode_cli.models.fused_table import row_cut, split_mlp_table, usable
+from sparcode_cli.models.fused_table import row_cut, split_mlp_table, split_mlp_table_cut, usable
 from sparcode_cli.models.interaction import _split_mlp_forward
 
 TAU = 0.1
@@ -121,3 +121,57 @@ def test_odd_sizes_and_a_changed_item_side() -> None:
         torch.testing.assert_close(again, z @ t.T / TAU + _split_mlp_forward(a, b, w), rtol=1e-5, atol=1e-4)
         other = split_mlp_table(a, b.clone(), w, z, t, TAU)  # a new tensor with the same values
     assert not torch.equal(first, again) and torch.equal(again, other)
+
+
+def test_wide_vectors_on_avx512_hosts_only_and_never_over_an_explicit_setting() -> None:
+    """numba_runtime asks LLVM for 512-bit vectors where the CPU has AVX-512 (LLVM prefers 256 there); an explicit
+    NUMBA_CPU_FEATURES (a portable cache, say) is kept as given."""
+    import os
+    import subprocess
+    import sys
+
+    import llvmlite.binding as ll
+
+    from sparcode_cli import numba_runtime
+
+    host = ll.get_host_cpu_features().flatten()
+    wide = numba_runtime.wide_vector_features()
+    assert wide == (f"{host},-prefer-256-bit" if "+avx512f" in host.split(",") else None)
+    probe = "import numba, sparcode_cli.numba_runtime; print(numba.config.CPU_FEATURES)"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    given = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "NUMBA_CPU_FEATURES": "+sse2"},
+        capture_output=True,
+        text=True,
+    )
+    assert given.stdout.strip() == "+sse2", given.stderr
+    default = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == str(wide), default.stderr
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cut_value_is_the_exact_order_statistic_with_ties(seed: int) -> None:
+    """The sampled bound + quickselect return the (keep + 1)-th largest value, ties and all."""
+    import numpy as np
+
+    from sparcode_cli.models.fused_table import _cut_value, _select
+
+    rng = np.random.default_rng(seed)
+    for row in (
+        rng.integers(0, 20, size=3001).astype(np.float32),
+        rng.standard_normal(2500).astype(np.float32),
+    ):
+        for keep in (1, 7, 150, len(row) // 2, len(row) - 1):
+            assert _cut_value(row.copy(), keep) == np.sort(row)[len(row) - keep - 1]
+        for k in (0, 5, len(row) - 1):
+            assert _select(row.copy(), len(row), k) == np.sort(row)[k]
+
+
+def test_table_and_cut_in_one_kernel_equal_the_two_calls() -> None:
+    a, b, w, z, t = _inputs(37, 1100, 2, 8, seed=4)  # a partial code group, a partial item block
+    with torch.inference_mode():
+        for density, bias in ((0.05, 0.0), (0.2, 0.3), (1.0, 0.0)):
+            two = row_cut(split_mlp_table(a, b, w, z, t, TAU), density, bias, 1e-6)
+            one = split_mlp_table_cut(a, b, w, z, t, TAU, density, bias, 1e-6)
+            assert one.shape == (37, 1100) and torch.equal(one, two)

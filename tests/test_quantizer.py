@@ -35,6 +35,17 @@ def test_assignment_is_nearest_codeword_per_chunk() -> None:
     assert torch.allclose(zq, pq.decode(ids))
 
 
+def test_residual_assignment_in_row_blocks_is_the_nearest_codeword(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More tokens than one distance block (a partial last block too) get the same ids as one block."""
+    torch.manual_seed(1)
+    rq = ProductQuantizer(8, 1, 64, residual=True).eval()
+    z = torch.randn(23, 8)
+    whole = rq.assign(z)
+    monkeypatch.setattr(ProductQuantizer, "NEAREST_ROWS", 5)
+    assert torch.equal(rq.assign(z), whole)
+    assert torch.equal(whole[:, 0], torch.cdist(z, rq.codebooks[0]).argmin(1))
+
+
 def test_straight_through_gradient_reaches_the_tokenizer() -> None:
     torch.manual_seed(0)
     head = torch.nn.Linear(3, 8)
