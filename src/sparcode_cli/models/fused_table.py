@@ -119,6 +119,19 @@ def _tile(
             out[c0 + c, i0 + ii] = dacc[c, ii] * scale + (hacc[c, ii] + s)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _grid(a: np.ndarray, bt: np.ndarray) -> tuple[int, int]:  # pragma: no cover
+    """(code groups, item blocks) of a table: n_codes a multiple of _CODE_GROUP (the caller pads)."""
+    return a.shape[0] // _CODE_GROUP, (bt.shape[1] + _ITEM_BLOCK - 1) // _ITEM_BLOCK
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover
+    """A task's scratch for _tile: the two accumulators and the coefficients."""
+    acc = (_CODE_GROUP, _ITEM_BLOCK)
+    return np.empty(acc, np.float32), np.empty(acc, np.float32), np.empty((_CODE_GROUP, 2), np.float32)
+
+
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 def _table(
     a: np.ndarray,
@@ -129,15 +142,10 @@ def _table(
     inv_tau: float,
     out: np.ndarray,
 ) -> None:  # pragma: no cover
-    """out (C, I) = the table, one task per (code group, item block): each element is written by one task;
-    n_codes a multiple of _CODE_GROUP (the caller pads)."""
-    n_items = bt.shape[1]
-    n_blocks = (n_items + _ITEM_BLOCK - 1) // _ITEM_BLOCK
-    n_groups = a.shape[0] // _CODE_GROUP
+    """out (C, I) = the table, one task per (code group, item block): each element is written by one task."""
+    n_groups, n_blocks = _grid(a, bt)
     for task in numba.prange(n_groups * n_blocks):
-        dacc = np.empty((_CODE_GROUP, _ITEM_BLOCK), dtype=np.float32)
-        hacc = np.empty((_CODE_GROUP, _ITEM_BLOCK), dtype=np.float32)
-        coef = np.empty((_CODE_GROUP, 2), dtype=np.float32)
+        dacc, hacc, coef = _scratch()
         c0, i0 = (task // n_blocks) * _CODE_GROUP, (task % n_blocks) * _ITEM_BLOCK
         _tile(a, bt, w, z, tt, np.float32(inv_tau), c0, i0, out, dacc, hacc, coef)
 
@@ -158,13 +166,9 @@ def _table_cut(
     """_table, then _cut_row on each row, one task per code group: the group's rows (_CODE_GROUP x I floats,
     2.6 MB on Gowalla) are cut while they are still in the core's cache, instead of in a second pass over the
     whole chunk. Column 0 is the padding item."""
-    n_items = bt.shape[1]
-    n_blocks = (n_items + _ITEM_BLOCK - 1) // _ITEM_BLOCK
-    n_groups = a.shape[0] // _CODE_GROUP
+    n_groups, n_blocks = _grid(a, bt)
     for grp in numba.prange(n_groups):
-        dacc = np.empty((_CODE_GROUP, _ITEM_BLOCK), dtype=np.float32)
-        hacc = np.empty((_CODE_GROUP, _ITEM_BLOCK), dtype=np.float32)
-        coef = np.empty((_CODE_GROUP, 2), dtype=np.float32)
+        dacc, hacc, coef = _scratch()
         c0 = grp * _CODE_GROUP
         for blk in range(n_blocks):
             _tile(a, bt, w, z, tt, np.float32(inv_tau), c0, blk * _ITEM_BLOCK, out, dacc, hacc, coef)
@@ -254,7 +258,7 @@ def split_mlp_table_cut(
 @numba.njit(fastmath=False, cache=True, nogil=True)
 def _select(x: np.ndarray, n: int, k: int) -> float:  # pragma: no cover
     """The k-th smallest (0-based) of x[:n], reordering x[:n] in place: quickselect with a median-of-three
-    pivot (Numerical Recipes' `select`). numba's np.partition took ~15 ns per element here, this ~3."""
+    pivot (Numerical Recipes' `select`); numba's np.partition took ~15 ns per element on the cut's candidates."""
     lo, hi = 0, n - 1
     while True:
         if hi <= lo + 1:
