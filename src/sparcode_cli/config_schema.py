@@ -24,6 +24,8 @@ from pydantic_core import PydanticCustomError
 
 from sparcode_cli.errors import UserError
 
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # what devices.resolve_device accepts
+
 MAX_CODE_IDS = 2**63  # code ids are int64
 
 
@@ -69,7 +71,7 @@ class TrainConfig(Section):
     patience: int = Field(ge=0)  # 0 = no early stopping
     eval_every_epochs: int = Field(ge=1)
     eval_batch_size: int = Field(ge=1)
-    device: str = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    device: str = Field(pattern=DEVICE_PATTERN)
     threads: int = Field(ge=0)  # 0 = torch's default
     grad_clip: float = Field(ge=0)  # 0 = off
 
@@ -208,6 +210,7 @@ class IndexOptions(Section):
     ef_search: int = Field(ge=1)
     memory_budget_mb: float = Field(gt=0)
     threads: PositiveInt | None
+    device: str = Field(pattern=DEVICE_PATTERN)
 
 
 class EvalOptions(Section):
@@ -215,6 +218,7 @@ class EvalOptions(Section):
     threads: PositiveInt | None
     latency_queries: int = Field(ge=0)
     exact_users: int = Field(ge=0)
+    device: str | None = Field(pattern=DEVICE_PATTERN)
 
 
 # -- checking -----------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, write_json
 from sparcode_cli.data.dataset import Dataset, EvalSplit, Ragged
 from sparcode_cli.data.queries import last_items, query_batch
+from sparcode_cli.devices import module_device, resolve_device
 from sparcode_cli.errors import UserError
 from sparcode_cli.indexing import (
     ENCODE_BATCH,
@@ -203,6 +204,7 @@ def exact_topk(
     if exclude_nonpositive is None:
         exclude_nonpositive = bool(getattr(model, "exclude_nonpositive", False))
     max_history = int(model.cfg.get("max_history", 50))
+    dev = module_device(model)
     n = history.n_rows
     out = TopK.empty(n, k)
     with torch.inference_mode():
@@ -211,21 +213,21 @@ def exact_topk(
             q = query_batch(
                 last_items(history, rows, max_history), ds.features.user_feats[users[rows]], users[rows]
             )
-            scores = model.score_all(q)
+            scores = model.score_all(q.to(dev) if dev.type != "cpu" else q)
             if not scores.is_contiguous():
                 scores = scores.contiguous()
             lens = history.lengths()[rows]
             r = torch.from_numpy(np.repeat(np.arange(len(rows), dtype=np.int64), lens))
             c = torch.from_numpy(history.values[history.indptr[s] : history.indptr[rows[-1] + 1]])
-            scores[r, c] = float("-inf")
+            scores[r.to(dev), c.to(dev)] = float("-inf")
             scores[:, 0] = float("-inf")
             items, lengths = dense_topk(scores, k, exclude_nonpositive=exclude_nonpositive)
             vals = torch.gather(scores, 1, items).float()
-            pad = torch.arange(k)[None, :] >= lengths[:, None]
+            pad = torch.arange(k, device=dev)[None, :] >= lengths[:, None]
             vals[pad] = float("-inf")
-            out.items[rows] = items.numpy()
-            out.scores[rows] = vals.numpy()
-            out.lengths[rows] = lengths.numpy()
+            out.items[rows] = items.cpu().numpy()
+            out.scores[rows] = vals.cpu().numpy()
+            out.lengths[rows] = lengths.cpu().numpy()
     return out
 
 
@@ -493,10 +495,12 @@ def evaluate_run(
     latency_queries: int = LATENCY_QUERIES,
     batch_size: int = 512,
     repeats: int = REPEATS,
+    device: str = "auto",
     write: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Brute-force exact evaluation of any run (every item scored by `score_all`); the metrics.json dict."""
+    """Brute-force exact evaluation of any run (every item scored by `score_all`, on `device`: "auto" is CUDA
+    when present, and the timings are then the GPU's); the metrics.json dict."""
     from sparcode_cli.indexing import _load_run
     from sparcode_cli.models import attach_features, model_from_checkpoint
     from sparcode_cli.retrieval.faiss_index import threads as faiss_threads
@@ -506,6 +510,7 @@ def evaluate_run(
     ks = _check_ks(ks)
     if split not in ("valid", "test"):
         raise UserError(f"--split must be valid or test, got {split!r}")
+    dev = resolve_device(device)
     ckpt, ckpt_path, meta = _load_run(run_dir)
     data_hash = str(ckpt.get("data_hash") or meta.get("data_hash") or "")
     name = str(ckpt.get("dataset") or meta.get("dataset") or "")
@@ -514,6 +519,7 @@ def evaluate_run(
     )
     model = model_from_checkpoint(ckpt)
     attach_features(model, ds.features)
+    model.to(dev)
     es = ds.split(split)
     n = len(es.users)
     kmax = max(ks)
@@ -537,6 +543,7 @@ def evaluate_run(
             "kind": "exact",
             "run_id": str(ckpt.get("run_id") or meta.get("run_id") or run_dir.name),
             "run_dir": str(run_dir.resolve()),
+            "device": str(dev),
         }
         folder = run_dir if run_dir.is_dir() else run_dir.parent
         return _sharded_finish(out, res, top, ds, es, ks, folder, save_topk, write, t_start)
@@ -568,6 +575,7 @@ def evaluate_run(
         "overlap_reference": "itself (exact scoring)",
         "overlap_users": n,
         **_timing_fields(timing, n_threads, n, None, None, first_s, len(lat_rows), True, repeats),
+        "device": str(dev),
         "index_bytes": None,
         "nnz": None,
         "density": None,

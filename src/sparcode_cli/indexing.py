@@ -47,6 +47,7 @@ from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, file_digest, temp_dir, write_json
 from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.data.queries import history_queries, training_users
+from sparcode_cli.devices import module_device, resolve_device
 from sparcode_cli.errors import UserError
 from sparcode_cli.provenance import code_digest, git_commit, versions
 
@@ -164,9 +165,11 @@ def encode_users(
     ids, sorted within each row; two-tower -> (U, d) float32 query vectors (1/τ folded in)."""
     max_history = int(model.cfg.get("max_history", 50))
     is_codes = hasattr(model, "codes")
+    dev = module_device(model)
     out = []
     with torch.inference_mode():
         for q in history_queries(ds, history, users, max_history, rows=rows, batch=batch):
+            q = q.to(dev) if dev.type != "cpu" else q
             if is_codes:
                 out.append(torch.sort(model.codes(q), dim=1).values.cpu().numpy())
             else:
@@ -239,13 +242,14 @@ def build_code_index(
     code_ids = np.asarray(code_ids, dtype=np.int64)
     block = int(getattr(model, "CODE_BLOCK", 32))
     chunk = _chunk_rows(n_items, block)
+    dev = module_device(model)
     t_all = time.perf_counter()
     with torch.inference_mode():
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(code_ids, size=min(SAMPLE_CODES, len(code_ids)), replace=False))
         sample_scores = None
         if len(sample):
-            sample_scores = model.score_codes(torch.from_numpy(sample)).cpu().numpy()
+            sample_scores = model.score_codes(torch.from_numpy(sample).to(dev)).cpu().numpy()
             density = float((sample_scores[:, 1:] > 0).mean())
         else:
             density = 0.0
@@ -272,7 +276,7 @@ def build_code_index(
         for s in range(0, len(rest), chunk):
             part = rest[s : s + chunk]
             t0 = time.perf_counter()
-            scores = model.score_codes(torch.from_numpy(part)).cpu().numpy()
+            scores = model.score_codes(torch.from_numpy(part).to(dev)).cpu().numpy()
             score_s += time.perf_counter() - t0
             builder.add(part, scores)
             advance(len(part))
@@ -400,10 +404,14 @@ def build_index(
     ef_search: int = 128,
     memory_budget_mb: float = DEFAULT_BUDGET_MB,
     threads: int | None = None,
+    device: str = "auto",
     progress: bool = True,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Build the retrieval artifact of a SparCode or two-tower run into `out/`; returns the manifest.
+
+    `device`: where the model scores the code table, encodes the reached codes' users and computes the item
+    vectors ("auto": CUDA when present); the artifact itself is CPU data either way.
 
     `ds`: the dataset (else resolved from `dataset`, the processed cache or the run's dataset name; its data
     hash must match the run's). SparCode options: bias, max_per_code, codes ("auto" | "reached" | "all"),
@@ -415,6 +423,7 @@ def build_index(
     say = log or (lambda _m: None)
     run_dir, out = Path(run_dir), Path(out)
     set_threads(threads)
+    dev = resolve_device(device)
     ckpt, ckpt_path, meta = _load_run(run_dir)
     name = str(ckpt["model"])
     if name not in INDEXABLE:
@@ -471,6 +480,7 @@ def build_index(
     attach_features(model, ds.features)
     if int(model.ctx.n_items) != ds.n_items:
         raise UserError(f"the run has {model.ctx.n_items} items but the dataset {ds.n_items}")
+    model.to(dev)
 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -486,6 +496,7 @@ def build_index(
         "data_params": data_cfg,
         "n_items": ds.n_items,
         "threads": torch.get_num_threads(),
+        "device": str(dev),
     }
     if dd.is_distributed():
         manifest["world_size"] = dd.world_size()
@@ -524,7 +535,7 @@ def build_index(
                     )
                 )
             enc = make_checkpoint(
-                model,
+                model.cpu(),
                 ckpt["config"],
                 with_rng=False,
                 run_id=manifest["run_id"],

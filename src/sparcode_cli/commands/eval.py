@@ -35,6 +35,14 @@ def eval_(
     ),
     latency_queries: int = typer.Option(300, "--latency-queries", help="Single-user queries timed."),
     exact_users: int = typer.Option(2000, "--exact-users", help="Users sampled for the exact overlap@K."),
+    device: str = typer.Option(
+        None,
+        "--device",
+        metavar="auto|cpu|cuda[:N]",
+        show_default=False,
+        help="--run only: where exact scoring runs (default auto: CUDA when present; the timings are then "
+        "the GPU's). An index is served on CPU.",
+    ),
     mirror: str = typer.Option(None, "--mirror", envvar="SPARCODE_MIRROR", help="Mirror for raw data."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress display."),
 ) -> None:
@@ -60,8 +68,14 @@ def eval_(
         "threads": threads,
         "latency_queries": latency_queries,
         "exact_users": exact_users,
+        "device": device,
     }
     check_options(EvalOptions, options)
+    if index is not None and device is not None:
+        raise UserError(
+            "--device applies to --run (exact scoring); an index is served on CPU",
+            "Drop --device, or evaluate the run by exact scoring with --run RUN_DIR --device ...",
+        )
     ks = parse_ks(k)
     kw = dict(dataset=dataset, mirror=mirror, save_topk=save_topk, latency_queries=latency_queries)
     if index is not None:
@@ -69,7 +83,9 @@ def eval_(
             index, None, split, ks, threads, exact_users=exact_users, progress=not no_progress, **kw
         )
     else:
-        res = evaluate_run(run, None, split, ks, threads, progress=not no_progress, **kw)
+        res = evaluate_run(
+            run, None, split, ks, threads, device=device or "auto", progress=not no_progress, **kw
+        )
     if res is None:
         return  # another rank of a torchrun job: rank 0 reports
     if "world_size" in res:

@@ -56,6 +56,13 @@ def index(
         4096.0, "--memory-budget-mb", help="Refuse a build whose estimated peak memory is larger."
     ),
     threads: int = typer.Option(None, "--threads", show_default=False, help="Torch / Faiss threads."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        metavar="auto|cpu|cuda[:N]",
+        help="Where the model scores the code table and the item vectors (auto: CUDA when present). The "
+        "artifact is the same CPU data either way.",
+    ),
     dataset: str = typer.Option(
         None,
         "--dataset",
@@ -93,6 +100,7 @@ def index(
             "ef_search": ef_search,
             "memory_budget_mb": memory_budget_mb,
             "threads": threads,
+            "device": device,
         },
     )
     manifest = build_index(
@@ -112,6 +120,7 @@ def index(
         ef_search=ef_search,
         memory_budget_mb=memory_budget_mb,
         threads=threads,
+        device=device,
         progress=not no_progress,
     )
     from sparcode_cli import distributed as dd

@@ -51,6 +51,7 @@ from sparcode_cli.atomic import atomic_path, exclusive_lock, write_json, write_t
 from sparcode_cli.config import config_hash, run_id, to_toml
 from sparcode_cli.data.dataset import Dataset
 from sparcode_cli.data.queries import QueryBatch, training_queries
+from sparcode_cli.devices import resolve_device
 from sparcode_cli.errors import UserError
 from sparcode_cli.metrics import DEFAULT_KS, EvalResult, evaluate, format_summary
 from sparcode_cli.models import (
@@ -110,21 +111,6 @@ def sampled_softmax_loss(
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device = {name!r} but CUDA is not available", hint='use "auto" or "cpu"')
-    if name == "cuda" and dd.is_distributed():
-        return torch.device("cuda", dd.local_rank())  # one GPU per rank
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(
-            f"train.device = {name!r} is not a device", hint='use "auto", "cpu" or "cuda"'
-        ) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -244,7 +230,7 @@ def train(
     run_dir = Path(out) / rid
     last_path = run_dir / "checkpoint_last.pt"
     # an unusable device fails before the run folder exists
-    resolve_device(str(cfg["train"].get("device", "auto")))
+    resolve_device(str(cfg["train"].get("device", "auto")), "train.device")
     if resume and not last_path.is_file():
         raise UserError(
             f"nothing to resume: {last_path} does not exist", hint="run without --resume to start it"
@@ -330,7 +316,7 @@ def _train_locked(
 
     if int(tc.get("threads", 0)) > 0:
         torch.set_num_threads(int(tc["threads"]))
-    device = resolve_device(str(tc.get("device", "auto")))
+    device = resolve_device(str(tc.get("device", "auto")), "train.device")
     seed = int(tc["seed"])
     seed_everything(seed)
 
