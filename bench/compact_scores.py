@@ -40,7 +40,7 @@ def measure(a: argparse.Namespace, work: Path) -> list[dict]:
         out = work / enc_name
         m = build_index(
             a.run, out, ds=ds, dataset=a.dataset, mirror=a.mirror, max_per_code=a.max_per_code, codes=a.codes,
-            scores=enc_name, threads=1, progress=False,
+            scores=enc_name, threads=1, device="cpu", progress=False,
         )  # fmt: skip
         if ds is None:
             ds = _resolve(

@@ -96,7 +96,18 @@ def main() -> None:
     sc_run = next(p for p in (work / "sparcode-1x2").iterdir() if p.is_dir())
     for label, (nproc, threads) in layouts.items():
         out = work / f"index-{nproc}x{threads}"
-        cli = ["index", str(sc_run), "--out", str(out), "--codes", "all", "--threads", str(threads)]
+        cli = [
+            "index",
+            str(sc_run),
+            "--out",
+            str(out),
+            "--codes",
+            "all",
+            "--threads",
+            str(threads),
+            "--device",
+            "cpu",
+        ]
         wall = sparcode(*cli, "--no-progress", nproc=nproc, env={**env, "OMP_NUM_THREADS": str(threads)})
         m = json.loads((out / "manifest.json").read_text())
         rows.append(

@@ -195,7 +195,9 @@ def main() -> None:
             if indexed:
                 sparse = retriever.startswith("sparcode")
                 builds_m = [
-                    build_index(run, folder, ds=ds, threads=args.threads, progress=False, **opts)
+                    build_index(
+                        run, folder, ds=ds, threads=args.threads, device="cpu", progress=False, **opts
+                    )
                     for _ in range(args.repeats if sparse else 1)
                 ]
                 m = dict(builds_m[-1])
@@ -216,7 +218,7 @@ def main() -> None:
             else:  # no index: every item scored (score_all), timing includes query encoding; one pass
                 r = evaluate_run(
                     run, ds, "test", (20, 50), args.threads, latency_queries=args.latency_queries,
-                    repeats=1, write=False, progress=False,
+                    repeats=1, device="cpu", write=False, progress=False,
                 )  # fmt: skip
                 m = {"model": load_checkpoint(run)["model"], "run_id": run.name, "index_bytes": None,
                      "build_s": None}  # fmt: skip
@@ -364,7 +366,7 @@ def operating_points(args, ds, out: Path, tt_run: Path, by: dict, console) -> li
     for m in [int(v) for v in args.hnsw_m.split(",") if v.strip()]:
         folder = out / "faiss-hnsw" if m == 32 else out / f"faiss-hnsw-m{m}"
         if m != 32:  # a sparser graph, built with a small efConstruction: the low-recall end
-            build_index(tt_run, folder, ds=ds, threads=args.threads, progress=False, faiss_kind="hnsw",
+            build_index(tt_run, folder, ds=ds, threads=args.threads, device="cpu", progress=False, faiss_kind="hnsw",
                         hnsw_m=m, ef_construction=max(2 * m, 16))  # fmt: skip
         art = load_artifact(folder)
         enc = encode_users(art.model, ds, es.query, es.users)
