@@ -127,14 +127,14 @@ def test_an_embedding_two_tower_trains_and_warm_starts_sparcode_and_all_to_all(t
                 if k.startswith(prefix):
                     torch.testing.assert_close(v, ck["state_dict"][k])
 
-    for name in ("sparcode", "all-to-all"):
-        res = quiet_train(
-            ds,
-            cfg_of(name, *tower, "model.token_dim=16", "train.epochs=1"),
-            tmp_path / name,
-            init_from=tt.run_dir,
-        )
+    for name, token_dim in (("sparcode", 16), ("all-to-all", 8)):
+        cfg = cfg_of(name, *tower, f"model.token_dim={token_dim}", "train.epochs=1")
+        res = quiet_train(ds, cfg, tmp_path / name, init_from=tt.run_dir)
         assert res.test["recall@20"] > pop.test["recall@20"]
+        # tokens narrower than the two-tower's vectors cannot start as them: the log says so and what to set
+        dim = cfg["model"]["dim"]
+        warned = f"model.token_dim = 8 < model.dim = {dim}: the warm start's tokens keep only the first 8"
+        assert (warned in (res.run_dir / "train.log").read_text()) == (token_dim < dim), name
     # an MLP-tower model cannot take the embedding towers' weights: one clear message
     with pytest.raises(UserError, match=r"tower = 'embedding', this model 'mlp'"):
         quiet_train(

@@ -419,6 +419,12 @@ def _train_locked(
             raise UserError(f"model {name!r} cannot start from another run (--init-from)")
         hook(init_ckpt, training_queries(ds, int(mc.get("max_history", 50))))
         log(f"initialised from {init_from}")
+        td, d = getattr(model, "token_dim", None), int(mc.get("dim", 0))
+        if td is not None and td < d:
+            log(
+                f"warning: model.token_dim = {td} < model.dim = {d}: the warm start's tokens keep only the "
+                f"first {td} dimensions of the two-tower's vectors and start below it; set model.token_dim={d}"
+            )
     step_fn = _data_parallel(model, device)
 
     def checkpoint(path: Path) -> None:
