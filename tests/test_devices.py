@@ -6,6 +6,7 @@ The CUDA test needs a GPU and is skipped, with its reason, where none is present
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,14 @@ def test_resolve_device_without_cuda(no_cuda: None) -> None:
         resolve_device("cuda", "train.device")
 
 
-def test_resolve_device_auto_picks_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_device_with_two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)  # always with its index, for the manifest
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match=r"--device = 'cuda:2' but this machine has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
 
 
 def test_module_device() -> None:
@@ -64,6 +69,10 @@ def test_cli_refuses_cuda_without_it(bd: Board, tmp_path: Path, no_cuda: None, c
     assert "CUDA is not available" in capsys.readouterr().err
     assert exit_code(["index", str(bd.runs["sparcode"]), "--out", str(out), "--device", "gpu"]) == 2
     assert "--device" in capsys.readouterr().err and not out.exists()
+    # the command's default is auto: CPU here
+    args = ["index", str(bd.runs["two-tower"]), "--out", str(out), "--dataset", str(bd.csv), "--no-progress"]
+    assert exit_code(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["device"] == "cpu"
 
 
 def test_eval_index_refuses_device(tmp_path: Path, capsys) -> None:
@@ -89,7 +98,7 @@ def test_cuda_build_and_exact_scoring_match_cpu(bd: Board, tmp_path: Path) -> No
     gpu = build_index(
         bd.runs["sparcode"], tmp_path / "gpu", ds=bd.ds, codes="all", device="cuda", progress=False
     )
-    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    assert gpu["device"] == "cuda:0" and cpu["device"] == "cpu"
     a, b = load_artifact(tmp_path / "cpu"), load_artifact(tmp_path / "gpu")
     assert module_device(b.model) == torch.device("cpu")  # the query encoder is saved from CPU tensors
     # float rounding only: an entry near its row's cut may be kept on one side, with a value near 0
@@ -98,8 +107,14 @@ def test_cuda_build_and_exact_scoring_match_cpu(bd: Board, tmp_path: Path) -> No
     for name in ("sparcode", "two-tower"):
         model = model_from_checkpoint(load_checkpoint(bd.runs[name]))
         es = bd.ds.test
-        ref = exact_topk(model, bd.ds, es.query, es.users, 50)
+        ref = exact_topk(model, bd.ds, es.query, es.users, 50)  # fills the model's CPU caches
         on_gpu = exact_topk(model.to("cuda"), bd.ds, es.query, es.users, 50)
         assert overlap_at_k(on_gpu, ref, 50) >= 0.99, name
-    res = evaluate_run(bd.runs["two-tower"], bd.ds, write=False, progress=False, latency_queries=2, repeats=1)
-    assert res["device"].startswith("cuda")
+        np.testing.assert_allclose(on_gpu.scores, ref.scores, rtol=1e-4, atol=1e-4)
+        back = exact_topk(model.to("cpu"), bd.ds, es.query, es.users, 50)
+        np.testing.assert_array_equal(back.items, ref.items)  # and back on CPU, CPU's lists exactly
+    for name in ("two-tower", "sparcode", "popularity"):
+        res = evaluate_run(
+            bd.runs[name], bd.ds, write=False, progress=False, latency_queries=2, repeats=1, device="auto"
+        )
+        assert res["device"] == "cuda:0", name

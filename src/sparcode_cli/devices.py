@@ -22,9 +22,18 @@ def resolve_device(name: str, option: str = "--device") -> torch.device:
     if name == "cuda" and dd.is_distributed():
         return torch.device("cuda", dd.local_rank())
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"{option} = {name!r} is not a device", hint='use "auto", "cpu" or "cuda"') from None
+    if dev.type == "cuda":  # explicit index, so manifests and logs name the GPU
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"{option} = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or auto",
+            )
+        dev = torch.device("cuda", index)
+    return dev
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

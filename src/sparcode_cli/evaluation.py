@@ -222,6 +222,7 @@ def exact_topk(
             scores[r.to(dev), c.to(dev)] = float("-inf")
             scores[:, 0] = float("-inf")
             items, lengths = dense_topk(scores, k, exclude_nonpositive=exclude_nonpositive)
+            items, lengths = items.to(dev), lengths.to(dev)  # topk returns CPU tensors
             vals = torch.gather(scores, 1, items).float()
             pad = torch.arange(k, device=dev)[None, :] >= lengths[:, None]
             vals[pad] = float("-inf")
@@ -495,11 +496,11 @@ def evaluate_run(
     latency_queries: int = LATENCY_QUERIES,
     batch_size: int = 512,
     repeats: int = REPEATS,
-    device: str = "auto",
+    device: str = "cpu",
     write: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Brute-force exact evaluation of any run (every item scored by `score_all`, on `device`: "auto" is CUDA
+    """Brute-force exact evaluation of any run (every item scored by `score_all`, on `device`; "auto": CUDA
     when present, and the timings are then the GPU's); the metrics.json dict."""
     from sparcode_cli.indexing import _load_run
     from sparcode_cli.models import attach_features, model_from_checkpoint

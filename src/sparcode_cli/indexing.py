@@ -404,14 +404,15 @@ def build_index(
     ef_search: int = 128,
     memory_budget_mb: float = DEFAULT_BUDGET_MB,
     threads: int | None = None,
-    device: str = "auto",
+    device: str = "cpu",
     progress: bool = True,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Build the retrieval artifact of a SparCode or two-tower run into `out/`; returns the manifest.
 
     `device`: where the model scores the code table, encodes the reached codes' users and computes the item
-    vectors ("auto": CUDA when present); the artifact itself is CPU data either way.
+    vectors ("auto": CUDA when present; `sparcode index` passes "auto"). The artifact is CPU data either way;
+    only a CPU build reproduces CPU exact scoring bit for bit.
 
     `ds`: the dataset (else resolved from `dataset`, the processed cache or the run's dataset name; its data
     hash must match the run's). SparCode options: bias, max_per_code, codes ("auto" | "reached" | "all"),

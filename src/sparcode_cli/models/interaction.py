@@ -215,6 +215,10 @@ class TokenCross(Recommender):
     def clear_cache(self) -> None:
         self._item_cache = None
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.clear_cache()  # .to() / .cuda() / .cpu(): cached rows and item tokens live on the old device
+        return super()._apply(fn, *args, **kwargs)
+
     def train(self, mode: bool = True) -> TokenCross:
         self.clear_cache()
         return super().train(mode)
@@ -265,7 +269,7 @@ class TokenCross(Recommender):
                 heads.weight.mul_(scale)
                 heads.bias.zero_()
                 for j in range(k):
-                    heads.weight[j * td : j * td + n, :n] += torch.eye(n)
+                    heads.weight[j * td : j * td + n, :n] += torch.eye(n, device=heads.weight.device)
             if bool(self.cfg.get("zero_cross", False)):  # h starts at 0: g starts as the two-tower score
                 self.interaction.out.weight.zero_()
         self.clear_cache()
@@ -280,13 +284,17 @@ class TokenCross(Recommender):
 _CHUNK_FLOATS = (
     1 << 17
 )  # ~512 KiB per chunk: measured fastest on a 2-core EPYC (2^15 too much loop, 2^21 misses)
+# On a GPU, blocks sized for a CPU cache would make every op a tiny kernel launch; 2^25 floats is 128 MiB per
+# block (the backward holds two or three), unmeasured: no GPU has been lent to us yet.
+_CHUNK_FLOATS_CUDA = 1 << 25
 
 
-def _blocks(n_codes: int, n_items: int, k_i: int, h: int) -> list[tuple[slice, slice]]:
-    """(codes, items) blocks of at most ~_CHUNK_FLOATS pre-activations each."""
+def _blocks(n_codes: int, n_items: int, k_i: int, h: int, device: torch.device) -> list[tuple[slice, slice]]:
+    """(codes, items) blocks of at most ~_CHUNK_FLOATS pre-activations each (_CHUNK_FLOATS_CUDA on CUDA)."""
+    floats = _CHUNK_FLOATS_CUDA if device.type == "cuda" else _CHUNK_FLOATS
     per_item = k_i * h
-    ib = min(n_items, max(1, _CHUNK_FLOATS // per_item))
-    cs = max(1, _CHUNK_FLOATS // (ib * per_item))
+    ib = min(n_items, max(1, floats // per_item))
+    cs = max(1, floats // (ib * per_item))
     return [
         (slice(s, s + cs), slice(t, t + ib))
         for s in range(0, n_codes, cs)
@@ -298,7 +306,7 @@ def _split_mlp_forward(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
     n_items, k_i, h = b.shape
     out = a.new_empty(a.shape[0], n_items)
     wk = w.repeat(k_i)  # sum over j folded into one (K_i * H) dot product
-    for cs, its in _blocks(a.shape[0], n_items, k_i, h):
+    for cs, its in _blocks(a.shape[0], n_items, k_i, h, a.device):
         x = a[cs, None, None, :] + b[its]
         x.relu_()
         out[cs, its] = torch.matmul(x.view(x.shape[0], x.shape[1], k_i * h), wk)
@@ -318,7 +326,7 @@ class _SplitMLP(torch.autograd.Function):
         n_items, k_i, _ = b.shape
         gy = gy.contiguous()
         ga, gb, gw = torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(w)
-        for cs, its in _blocks(a.shape[0], n_items, k_i, h):
+        for cs, its in _blocks(a.shape[0], n_items, k_i, h, a.device):
             g = gy[cs, its]
             x = a[cs, None, None, :] + b[its]  # (cs, is, K_i, H), recomputed in cache
             x.relu_()
