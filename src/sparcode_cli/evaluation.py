@@ -213,7 +213,7 @@ def exact_topk(
             q = query_batch(
                 last_items(history, rows, max_history), ds.features.user_feats[users[rows]], users[rows]
             )
-            scores = model.score_all(q.to(dev) if dev.type != "cpu" else q)
+            scores = model.score_all(q.to(dev))
             if not scores.is_contiguous():
                 scores = scores.contiguous()
             lens = history.lengths()[rows]

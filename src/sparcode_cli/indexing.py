@@ -169,7 +169,7 @@ def encode_users(
     out = []
     with torch.inference_mode():
         for q in history_queries(ds, history, users, max_history, rows=rows, batch=batch):
-            q = q.to(dev) if dev.type != "cpu" else q
+            q = q.to(dev)  # a no-op on CPU
             if is_codes:
                 out.append(torch.sort(model.codes(q), dim=1).values.cpu().numpy())
             else:
@@ -536,7 +536,7 @@ def build_index(
                     )
                 )
             enc = make_checkpoint(
-                model.cpu(),
+                model,  # make_checkpoint copies the weights to CPU
                 ckpt["config"],
                 with_rng=False,
                 run_id=manifest["run_id"],
