@@ -68,7 +68,9 @@ def main() -> None:
         t_clone = median_time(lambda: [x.clone() for x in gs], args.repeats)
         t_cut = (t_cut - t_clone) / args.sample
         table_cut(0)
-        t_fused = median_time(lambda: [table_cut(s * c) for s in range(args.sample)], args.repeats) / args.sample
+        t_fused = (
+            median_time(lambda: [table_cut(s * c) for s in range(args.sample)], args.repeats) / args.sample
+        )
         cut = [row_cut(x.clone(), args.density, 0.0, 1e-6).numpy() for x in gs]
 
         def csr() -> None:
