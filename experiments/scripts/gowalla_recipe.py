@@ -50,6 +50,12 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("embedding towers, lr 0.003", ["model.tower=embedding", "train.lr=0.003"]),
     ("embedding towers, dim 128", ["model.tower=embedding", "model.emb_dim=128", "model.dim=128"]),
     ("embedding towers, no history (MF)", ["model.tower=embedding", "model.history=false"]),
+    # from the dim-128 embedding towers (the recipe since session 10), one more change
+    (
+        "embedding towers, dim 128, weight decay 0.1",
+        ["model.tower=embedding", "model.emb_dim=128", "model.dim=128", "train.weight_decay=0.1"],
+    ),  # fmt: skip
+    ("embedding towers, dim 256", ["model.tower=embedding", "model.emb_dim=256", "model.dim=256"]),
 ]
 BARS_YOUTUBEDNN = (0.1754, 0.1473)
 
