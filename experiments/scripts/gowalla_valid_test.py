@@ -34,12 +34,14 @@ def contributions(ds, split: str, model) -> tuple[np.ndarray, np.ndarray, np.nda
     """Per target: its weight 1 / (|T_u| U), whether it is in the top K, its item, its user's row."""
     es = ds.split(split)
     res = evaluate(model, ds, split, (K,), batch_size=2048)
-    tl = es.targets.lengths()
-    rows = np.repeat(np.arange(len(tl)), tl)
-    items = es.targets.values
+    # each distinct (user, item) target once, as metrics.evaluate counts them
+    pairs = np.unique(
+        np.repeat(np.arange(es.targets.n_rows), es.targets.lengths()) * (ds.n_items + 1) + es.targets.values
+    )
+    rows, items = pairs // (ds.n_items + 1), pairs % (ds.n_items + 1)
+    tl = np.bincount(rows, minlength=es.targets.n_rows)
     hit = (res.topk[rows, :K] == items[:, None]).any(1)
-    has = tl > 0
-    w = 1.0 / (tl[rows] * has.sum())
+    w = 1.0 / (tl[rows] * (tl > 0).sum())
     assert abs(float((w * hit).sum()) - res.summary[f"recall@{K}"]) < 1e-9, "the parts must add up to Recall"
     return w, hit, items, rows
 
@@ -68,12 +70,12 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = [Path(p) for p in sys.argv[1:3]]
     ds = load_dataset(processed_root() / json.loads((runs[0] / "meta.json").read_text())["data_hash"])
-    models = {}
+    models = {}  # in the order given: the difference column is the second run minus the first
     for run in runs:
         ck = load_checkpoint(run / "checkpoint_best.pt")
         m = model_from_checkpoint(ck)
         attach_features(m, ds.features)
-        models[ck["model"]] = m
+        models[f"{ck['model']} ({run.name})" if ck["model"] in models else ck["model"]] = m
     count = ds.item_counts()
     hist = ds.train.lengths()
     per_weight, weight = {}, {}  # split -> per popularity group: (sparcode - two-tower) / weight, and weight
