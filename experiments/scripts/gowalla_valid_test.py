@@ -46,14 +46,20 @@ def contributions(ds, split: str, model) -> tuple[np.ndarray, np.ndarray, np.nda
     return w, hit, items, rows
 
 
+def groups(key: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Group index of each value: (edges[i], edges[i + 1]], the first group from -inf."""
+    return np.digitize(key, edges[1:-1], right=True)
+
+
 def table(title: str, edges: list[float], key: np.ndarray, w: np.ndarray, hits: dict[str, np.ndarray]) -> str:
     names = list(hits)
+    group = groups(key, edges)
     out = [
         f"| {title} | weight | " + " | ".join(names) + f" | {names[1]} − {names[0]} |",
         "|---|---:|" + "---:|" * (len(names) + 1),
     ]
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        g = (key > lo) & (key <= hi) if lo > 0 else key <= hi
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        g = group == i
         parts = [float((w * h)[g].sum()) for h in hits.values()]
         label = f"{lo:.0f}–{hi:.0f}" if np.isfinite(hi) else f"> {lo:.0f}"
         out.append(
@@ -88,7 +94,7 @@ def main() -> None:
         print(table("target's training count", POP_EDGES, count[items], w, hits))
         print()
         print(table("user's training items", HIST_EDGES, hist[users[rows]], w, hits))
-        g = np.digitize(count[items], POP_EDGES[1:-1], right=True)
+        g = groups(count[items], POP_EDGES)
         a, b = hits.values()
         weight[split] = np.bincount(g, w, len(POP_EDGES) - 1)
         per_weight[split] = np.bincount(g, w * (b.astype(float) - a), len(POP_EDGES) - 1) / weight[split]
