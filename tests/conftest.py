@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import sparcode_cli  # noqa: F401  # pins the CPU kernels (cpu_kernels.py) before any test module imports torch
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

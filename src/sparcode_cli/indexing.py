@@ -45,6 +45,7 @@ import torch
 
 from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, file_digest, temp_dir, write_json
+from sparcode_cli.cpu_kernels import kernel_family
 from sparcode_cli.data.dataset import Dataset, Ragged
 from sparcode_cli.data.queries import history_queries, training_users
 from sparcode_cli.devices import module_device, resolve_device
@@ -557,6 +558,7 @@ def build_index(
             manifest["files"] = {f: {"bytes": (tmp / f).stat().st_size} for f in files}
             manifest["query_encoder_bytes"] = (tmp / QUERY_ENCODER).stat().st_size
             manifest["versions"] = versions()
+            manifest["cpu_kernels"] = kernel_family()
             manifest["code_digest"] = code_digest()
             manifest["git_commit"] = git_commit()
             manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -52,6 +52,13 @@ def cached_cells(plan: Any, job_of: dict[Any, Any], split: str) -> list[dict[str
     return out
 
 
+def _kernels(k: dict[str, str] | None) -> str:
+    """The CPU kernel family of the run (cpu_kernels.kernel_family): ATen's capability, MKL's path, AVX-512."""
+    if not k:
+        return "not recorded"
+    return f"ATen {k.get('aten', '?')}, MKL_CBWR {k.get('MKL_CBWR', '?')}, host AVX-512 {k.get('host_avx512', '?')}"
+
+
 def _num(v: Any) -> float | None:
     if v is None:
         return None
@@ -574,7 +581,8 @@ def write_report(
     L.append(
         f"Generated {now} by `python -m sparcode_cli.reproduce --matrix {plan.matrix}` at commit "
         f"{info.get('git_commit') or 'unknown'} (code digest {info.get('code_digest')}); "
-        f"{mach.get('cores', '?')} cores ({mach.get('cpu', '')}), torch {mach.get('torch', '?')}. "
+        f"{mach.get('cores', '?')} cores ({mach.get('cpu', '')}), torch {mach.get('torch', '?')}, "
+        f"CPU kernels {_kernels(mach.get('cpu_kernels'))}. "
         f"Wall time of this invocation: **{info['wall_s'] / 60:.1f} min** ({info['trained_now']} runs trained now, "
         f"{info['reused']} reused from earlier invocations)."
     )

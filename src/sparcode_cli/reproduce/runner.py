@@ -25,6 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
+from sparcode_cli.cpu_kernels import kernel_family
 from sparcode_cli.errors import UserError
 from sparcode_cli.provenance import code_digest, git_commit
 from sparcode_cli.reproduce import jobs
@@ -289,6 +290,7 @@ def machine() -> dict[str, Any]:
         "cores": cores,
         "load_avg_1m_at_end": load1,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_kernels": kernel_family(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

@@ -49,6 +49,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from sparcode_cli import distributed as dd
 from sparcode_cli.atomic import atomic_path, exclusive_lock, write_json, write_text
 from sparcode_cli.config import config_hash, run_id, to_toml
+from sparcode_cli.cpu_kernels import kernel_family
 from sparcode_cli.data.dataset import Dataset
 from sparcode_cli.data.queries import QueryBatch, training_queries
 from sparcode_cli.devices import resolve_device
@@ -343,6 +344,7 @@ def _train_locked(
         "git_commit": git_commit(),
         "content_digest": ds.meta.get("content_digest"),
         "versions": versions(),
+        "cpu_kernels": kernel_family(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if dd.is_distributed():
