@@ -9,7 +9,7 @@ after one epoch from 0.2214 to 0.2204 / 0.2200, and `make reproduce`'s SparCode 
 between an AVX-512 and an AVX2 host (README, Results). numba's kernels need no pin: their values do not
 depend on the vector width, only on FMA, which every AVX2 host has (tests/test_cpu_kernels.py).
 
-So before torch loads (`sparcode_cli/__init__.py`) the package sets ATEN_CPU_CAPABILITY=avx2 (ATen's AVX2
+So when it is imported, before torch computes anything (`sparcode_cli/__init__.py`), the package sets ATEN_CPU_CAPABILITY=avx2 (ATen's AVX2
 kernels: the same code on every AVX2 CPU, Intel or AMD), MKL_CBWR=COMPATIBLE (MKL's conditional numerical
 reproducibility on its one branch that every x86 vendor runs alike; MKL_CBWR=AVX2 holds only across Intel
 CPUs, and MKL runs another branch on AMD, whose results moved here) and ONEDNN_MAX_CPU_ISA=AVX2. The price
@@ -24,7 +24,6 @@ record it.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, MutableMapping
 
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -47,11 +46,11 @@ def pins_for(features: Iterable[str], env: MutableMapping[str, str]) -> dict[str
 
 
 def pin(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the pins in `env` (os.environ by default); returns what was set. Does nothing once torch is
-    loaded: its kernels may be chosen already, and a process must not run two families."""
+    """Set the pins in `env` (os.environ by default); returns what was set. ATen and MKL read them at their
+    first operation, not when torch is imported: a script may import torch first, as long as it imports
+    sparcode_cli before it computes anything (measured: ATen's capability and MKL's GEMM rate follow
+    variables set after `import torch`)."""
     env = os.environ if env is None else env
-    if "torch" in sys.modules:
-        return {}
     try:
         features = host_features()
     except Exception:  # noqa: BLE001  # an unknown host keeps the libraries' own choice
