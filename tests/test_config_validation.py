@@ -36,7 +36,7 @@ from tests.cli import exit_code
 # Computed with the code before the declarations existed: validation must not move an existing run id.
 # (sparcode's moved from sparcode-movielens-f493aaae when model.cut, row_norm, bias_lr and l1 were removed.)
 RUN_IDS = {
-    "sparcode": "sparcode-movielens-927ad4c9",
+    "sparcode": "sparcode-movielens-af5ee222",  # model.distill = 3 (session 13); 927ad4c9 before
     "two-tower": "two-tower-movielens-755bc941",
     "all-to-all": "all-to-all-movielens-b3b3a2da",
     "popularity": "popularity-movielens-84b0d3d2",
@@ -269,6 +269,13 @@ def test_code_ids_fit_int64() -> None:
 @pytest.mark.parametrize("model", sorted(RUN_IDS))
 def test_run_ids_are_unchanged(model: str) -> None:
     assert run_id(load_config(model), "movielens", "x") == RUN_IDS[model]
+
+
+def test_a_key_added_later_keeps_the_ids_of_runs_made_before_it() -> None:
+    """model.distill at 0, the value before the key existed, gives the id the default had then."""
+    assert run_id(load_config("sparcode", overrides=["model.distill=0"]), "movielens", "x") == (
+        "sparcode-movielens-927ad4c9"
+    )
 
 
 # -- the commands ------------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ IDENTITY_UNLESS_CHANGED = {
     ("model", "user_id"): False,
     ("model", "tower"): "mlp",
     ("model", "history"): True,
+    ("model", "distill"): 0.0,
 }
 
 

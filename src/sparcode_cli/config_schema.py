@@ -166,6 +166,7 @@ class SparCodeConfig(TokenCrossConfig):
     leak: float = Field(ge=0, le=1)  # a backward slope below the cut, at most the slope above it
     leak_steps: int = Field(ge=0)
     logit_scale: float = Field(gt=0, le=100)  # the learned scale is clamped at 100
+    distill: float = Field(ge=0)  # 0 = no teacher
 
     def cross_key_problems(self) -> list[str]:
         problems = super().cross_key_problems()

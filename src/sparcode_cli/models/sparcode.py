@@ -20,7 +20,12 @@ item. b = 0 unless `sparcode index --bias` shifts every row's cut by the same am
 Training logits: the forward pass is the exact ReLU (what is zero in training is absent from the index),
 summed over the K_u codes and times a learned softmax scale (`logit_scale`, log-parametrised, clamped at
 100; it changes no ranking and is not stored). For the positives only, the backward pass leaks with slope
-`leak` below the cut, annealed linearly to 0 over `leak_steps` steps. `aux_loss` = the commitment loss.
+`leak` below the cut, annealed linearly to 0 over `leak_steps` steps. `aux_loss` = the commitment loss, plus
+`distill` x KL(softmax(s_T) || softmax(a S)) when the model has a teacher: S(u, i) = sum_k g~(ẑ_k, i), the
+user's K_u standardised rows before the cut, over the batch's positive and negatives; s_T the training logits
+of the two-tower the warm start copied, kept frozen (models/teacher.py); a = std(s_T) / std(S) per user,
+detached. The cut objective alone drifts from what the warm start ranks well; the teacher holds the dense
+rows to it, and the cut keeps their top.
 
 From scratch, the density target falls log-linearly from 1 to `target_density` over `density_warmup` steps
 (buffer `row_density`), and checkpoints are selectable only once it is at the target (`selectable`); the
@@ -56,6 +61,7 @@ from sparcode_cli.errors import UserError
 from sparcode_cli.models.base import DataContext, QueryBatch, TrainOutput
 from sparcode_cli.models.interaction import CodeSide, TokenCross
 from sparcode_cli.models.quantizer import ProductQuantizer
+from sparcode_cli.models.teacher import TwoTowerTeacher
 
 
 class _LeakyCut(torch.autograd.Function):
@@ -103,6 +109,8 @@ class SparCode(TokenCross):
         self.quantize_after = int(cfg.get("quantize_after", 100))
         self.leak, self.leak_steps = float(cfg.get("leak", 0.1)), int(cfg.get("leak_steps", 2000))
         self.density_items = int(cfg.get("density_items", 128))
+        self.distill = float(cfg.get("distill", 0.0))
+        self.teacher = TwoTowerTeacher(cfg, ctx) if self.distill > 0 else None
         init_scale = float(cfg.get("logit_scale", 5.0))
         self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)))
         self.register_buffer("bias", torch.tensor(0.0))  # b: 0 but for `sparcode index --bias`
@@ -165,7 +173,30 @@ class SparCode(TokenCross):
         scale = self.log_logit_scale.clamp(max=math.log(100.0)).exp()
         neg_logits = scale * F.relu(x_neg).reshape(b_size, self.k_u, -1).sum(1)
         pos_logits = scale * leaky_cut(x_pos, self.leak_slope()).sum(1)
-        return TrainOutput(pos_logits, neg_logits, commit)
+        aux = commit
+        if self.has_teacher():
+            dense = torch.cat([g_pos.sum(1, keepdim=True), g_neg.reshape(b_size, self.k_u, -1).sum(1)], 1)
+            aux = aux + self.distill * self.distill_loss(dense, self.teacher_logits(q, pos, neg))
+        return TrainOutput(pos_logits, neg_logits, aux)
+
+    def has_teacher(self) -> bool:
+        """A warm start's two-tower to distil from: `distill` > 0 and `init_from_run` filled it (from scratch
+        there is none, and the trainer says so)."""
+        return self.teacher is not None and bool(self.teacher.ready)
+
+    def teacher_logits(self, q: QueryBatch, pos: Tensor, neg: Tensor) -> Tensor:
+        assert self.teacher is not None
+        return self.teacher.logits(q, pos, neg)
+
+    @staticmethod
+    def distill_loss(dense: Tensor, teacher: Tensor) -> Tensor:
+        """KL(softmax(teacher) || softmax(a x dense)) per row, averaged: dense (B, 1 + S) is the sum of the user's
+        K_u standardised rows before the cut, a = std(teacher) / std(dense) per row (detached), so the student
+        is compared at the teacher's spread and no temperature is tuned."""
+        a = (teacher.std(1, keepdim=True) / (dense.std(1, keepdim=True) + 1e-6)).detach()
+        return F.kl_div(
+            F.log_softmax(a * dense, 1), F.log_softmax(teacher, 1), log_target=True, reduction="batchmean"
+        )
 
     def _normalise_rows(self, g: Tensor) -> Tensor:
         """Each row (code) of a full (codes, n_items + 1) table standardised over items 1..n_items."""
@@ -340,6 +371,8 @@ class SparCode(TokenCross):
         dropout), now when `queries` are given (the trainer gives every training user's query), else on the
         first training batch; the row density starts at the density target's first value."""
         self._copy_two_tower(ckpt)
+        if self.teacher is not None:
+            self.teacher.load_two_tower(ckpt)
         self.quantizer.initted.fill_(False)
         self.n_steps.fill_(self.density_warmup)  # past the density warm-up: cut at the target from step 0
         self.row_density.fill_(self.current_target())

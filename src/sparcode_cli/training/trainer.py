@@ -427,6 +427,11 @@ def _train_locked(
                 f"warning: model.token_dim = {td} < model.dim = {d}: the warm start's tokens keep only the "
                 f"first {td} dimensions of the two-tower's vectors and start below it; set model.token_dim={d}"
             )
+    if float(mc.get("distill", 0.0)) > 0 and not getattr(model, "has_teacher", lambda: True)():
+        log(
+            f"warning: model.distill = {mc['distill']} needs a two-tower to distil from (--init-from); "
+            "this run trains without the distillation term"
+        )
     step_fn = _data_parallel(model, device)
 
     def checkpoint(path: Path) -> None:
