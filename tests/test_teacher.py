@@ -44,7 +44,12 @@ def test_the_teacher_stays_frozen_and_in_eval_mode_while_the_student_trains() ->
     before = {k: v.clone() for k, v in sc.teacher.state_dict().items()}
     enc_before = [p.clone() for p in sc.query_encoder.parameters()]
     _train_a_little(sc, ds, steps=3)
-    assert not sc.teacher.training  # model.train() leaves the teacher in eval mode: no dropout in the targets
+    sc.train()
+    assert (
+        sc.training and not sc.teacher.training
+    )  # model.train() leaves the teacher in eval mode: no dropout
+    b = _sampler_batch(ds)
+    assert torch.equal(sc.teacher_logits(b.query, b.pos, b.neg), sc.teacher_logits(b.query, b.pos, b.neg))
     assert all(not p.requires_grad and p.grad is None for p in sc.teacher.parameters())
     for k, v in sc.teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -131,11 +136,11 @@ def test_a_warm_started_run_distils_and_a_cold_one_says_it_cannot(tmp_path: Path
     tt_model = model_from_checkpoint(load_checkpoint(tt.run_dir / "checkpoint_best.pt"))
     for k, v in tt_model.query_encoder.state_dict().items():  # the teacher is the two-tower run, untouched
         assert torch.equal(back.teacher.query_encoder.state_dict()[k], v), k
-    assert "warning: model.distill" not in (warm.run_dir / "train.log").read_text()
+    assert "note: model.distill" not in (warm.run_dir / "train.log").read_text()
     cold = quiet_train(
         ds, small_cfg("train.epochs=1", "model.distill=5.0", model="sparcode"), tmp_path / "cold"
     )
     assert (
-        "warning: model.distill = 5.0 needs a two-tower to distil from"
+        "note: model.distill = 5.0 distils from the two-tower of a warm start"
         in (cold.run_dir / "train.log").read_text()
     )

@@ -1,7 +1,7 @@
 """The two-tower a SparCode run starts from, kept frozen beside it: the targets of `model.distill`.
 
 SparCode's warm start copies the two-tower's encoders and then trains them; the teacher keeps the copy as it
-was, so its scores stay those of the two-tower run. It is built with the model (same encoder config, under a
+was, so its scores stay those of the two-tower run (on SparCode's queries: its `max_history` window). It is built with the model (same encoder config, under a
 forked RNG so it draws nothing from the run's random stream), filled by `load_two_tower`, always in eval mode
 (no dropout) and never trained (no parameter requires a gradient); it travels inside the checkpoint so a
 resumed run has it, and serving never reads it.
@@ -40,7 +40,9 @@ class TwoTowerTeacher(nn.Module):
         sd = ckpt["state_dict"]
         for prefix, module in (("query_encoder.", self.query_encoder), ("item_encoder.", self.item_encoder)):
             module.load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
-        mc = ckpt.get("config", {}).get("model", {})
+        mc = dict(ckpt.get("config") or {})
+        if isinstance(mc.get("model"), dict):  # a full resolved config: its [model] section
+            mc = dict(mc["model"])
         cosine = str(mc.get("similarity", "cosine")) == "cosine"
         self.cosine.fill_(cosine)
         self.inv_temperature.fill_(1.0 / float(mc.get("temperature", 0.1 if cosine else 1.0)))

@@ -429,8 +429,8 @@ def _train_locked(
             )
     if float(mc.get("distill", 0.0)) > 0 and not getattr(model, "has_teacher", lambda: True)():
         log(
-            f"warning: model.distill = {mc['distill']} needs a two-tower to distil from (--init-from); "
-            "this run trains without the distillation term"
+            f"note: model.distill = {mc['distill']} distils from the two-tower of a warm start (--init-from); "
+            "this run has none and trains without the term"
         )
     step_fn = _data_parallel(model, device)
 
