@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from waterfall import candidate_recall  # experiments/scripts/waterfall.py: the same definition as its steps
 
-from sparcode_cli.data.queries import last_items, query_batch
 from sparcode_cli.metrics import evaluate
 from sparcode_cli.models import load_checkpoint, model_from_checkpoint
 from sparcode_cli.models.base import QueryBatch
@@ -75,30 +75,6 @@ class MultiProbe(nn.Module):
             self.read_entries.append(int(self.row_nnz[uniq].sum()))
         out[:, 0] = float("-inf")
         return out
-
-
-@torch.no_grad()
-def candidate_recall(model: MultiProbe, ds, batch_size: int = 512) -> tuple[float, float]:
-    """As waterfall.py's: mean share of a test user's targets with a positive score (query items masked),
-    and the mean retrievable set as a share of the catalogue."""
-    es = ds.split(SPLIT)
-    max_history = int(model.cfg.get("max_history", 50))
-    per_user, sizes = [], []
-    for s in range(0, len(es.users), batch_size):
-        rows = np.arange(s, min(s + batch_size, len(es.users)))
-        users = es.users[rows]
-        q = query_batch(
-            last_items(es.query, rows, max_history), ds.features.user_feats[users].astype(np.int64), users
-        )
-        ok = (model.score_all(q) > 0).numpy()
-        ok[:, 0] = False
-        for j, r in enumerate(rows):
-            ok[j, es.query.row(r)] = False
-            targets = np.unique(es.targets.row(r))
-            sizes.append(ok[j].sum() / ds.n_items)
-            if len(targets):
-                per_user.append(ok[j, targets].mean())
-    return float(np.mean(per_user)), float(np.mean(sizes))
 
 
 def main(argv: list[str]) -> None:
