@@ -3,7 +3,7 @@ dataset's two-tower runs: the ablation table of experiments/results/movielens-10
 
 For each two-tower run (`dnn` by default) found in --runs, trains SparCode from it with the target matrix's
 budget (400 steps, `train.epochs=1000`, the two-tower's seed) and `model.distill=w` for each weight, into
---out (a run already there is reused: its id names the config), then prints per seed and as a mean over
+--out (a new or empty folder: `sparcode train` stops on a run that already exists there), then prints per seed and as a mean over
 seeds: validation Recall@20 (the selection metric) and its best epoch, test Recall@20 / @50, and a paired
 bootstrap over test users (3 seeds together) against weight 0 and against the two-tower.
 
@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,9 @@ def two_tower_runs(runs: Path, dataset: str, encoder: str) -> dict[int, Path]:
     out: dict[int, Path] = {}
     for meta_path in sorted(runs.glob(f"two-tower-{dataset}-*/meta.json")):
         meta = json.loads(meta_path.read_text())
-        cfg = (meta_path.parent / "config.toml").read_text()
-        if meta.get("dataset") != dataset or f'query_encoder = "{encoder}"' not in cfg:
-            continue
-        if "max_steps = 1000" not in cfg:
-            continue
-        out[int(meta["seed"])] = meta_path.parent
+        cfg = tomllib.loads((meta_path.parent / "config.toml").read_text())
+        if cfg["model"].get("query_encoder") == encoder and cfg["train"].get("max_steps") == 1000:
+            out[int(meta["seed"])] = meta_path.parent
     return out
 
 

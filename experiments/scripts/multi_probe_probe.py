@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
             if p == 0 and (s["recall@20"], s["recall@50"]) != (own["recall@20"], own["recall@50"]):
                 raise SystemExit(f"P = 1 differs from the model's own scores: {s} vs {own}")
             rows, entries = float(np.mean(mp.read_rows)), float(np.mean(mp.read_entries))
-            cand, size = candidate_recall(MultiProbe(model, p), ds)
+            cand, size = candidate_recall(mp, ds)  # the same rows: scored once per P
             rec = {
                 "run": run.name,
                 "probes": p,
