@@ -36,7 +36,7 @@ from tests.cli import exit_code
 # Computed with the code before the declarations existed: validation must not move an existing run id.
 # (sparcode's moved from sparcode-movielens-f493aaae when model.cut, row_norm, bias_lr and l1 were removed.)
 RUN_IDS = {
-    "sparcode": "sparcode-movielens-af5ee222",  # model.distill = 3 (session 13); 927ad4c9 before
+    "sparcode": "sparcode-movielens-bdf4885d",  # model.probes = 4; af5ee222 with probes 1, 927ad4c9 before distill
     "two-tower": "two-tower-movielens-755bc941",
     "all-to-all": "all-to-all-movielens-b3b3a2da",
     "popularity": "popularity-movielens-84b0d3d2",
@@ -233,6 +233,20 @@ def test_several_bad_keys_give_one_message_listing_each() -> None:
 # -- cross-key rules -----------------------------------------------------------------------------------------
 
 
+def test_probes_are_bounded_by_the_code_ids() -> None:
+    with pytest.raises(
+        UserError, match=r"^model\.probes = 5 is not allowed with model\.n_codewords = 2 and mo"
+    ):
+        load_config("sparcode", overrides=["model.probes=5", "model.n_codewords=2"])  # 2^2 = 4 code ids
+    with pytest.raises(
+        UserError, match=r"model\.probes = 65 is not allowed: must be an integer >= 1 and <= 64"
+    ):
+        load_config("sparcode", overrides=["model.probes=65"])
+    assert (
+        load_config("sparcode", overrides=["model.probes=4", "model.n_codewords=2"])["model"]["probes"] == 4
+    )
+
+
 def test_product_quantizer_needs_token_dim_a_multiple_of_m() -> None:
     with pytest.raises(
         UserError, match=r"^model\.token_dim = 60 is not allowed with model\.m = 8: must be a mult"
@@ -272,10 +286,14 @@ def test_run_ids_are_unchanged(model: str) -> None:
 
 
 def test_a_key_added_later_keeps_the_ids_of_runs_made_before_it() -> None:
-    """model.distill at 0, the value before the key existed, gives the id the default had then."""
-    assert run_id(load_config("sparcode", overrides=["model.distill=0"]), "movielens", "x") == (
-        "sparcode-movielens-927ad4c9"
+    """model.distill at 0 and model.probes at 1, the values before the keys existed, give the ids the defaults
+    had then."""
+    assert run_id(load_config("sparcode", overrides=["model.probes=1"]), "movielens", "x") == (
+        "sparcode-movielens-af5ee222"
     )
+    assert run_id(
+        load_config("sparcode", overrides=["model.distill=0", "model.probes=1"]), "movielens", "x"
+    ) == ("sparcode-movielens-927ad4c9")
 
 
 # -- the commands ------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 
 from sparcode_cli.data.dataset import Dataset
 from sparcode_cli.errors import UserError
-from sparcode_cli.evaluation import evaluate_index, evaluate_run, parse_ks
-from sparcode_cli.indexing import build_index
+from sparcode_cli.evaluation import evaluate_index, evaluate_run, load_artifact, parse_ks
+from sparcode_cli.indexing import build_index, encode_users
 from sparcode_cli.metrics import evaluate, metrics_from_topk
 from sparcode_cli.models import load_checkpoint, model_from_checkpoint
 from tests.cli import exit_code
@@ -74,6 +74,39 @@ def test_metrics_json_has_every_field_and_markdown_appends(bd: Board, tmp_path: 
     evaluate_index(out, bd.ds, "valid", (20, 50), threads=1, latency_queries=10)
     lines = (out / "results.md").read_text().splitlines()
     assert len(lines) == 4 and "| valid |" in lines[3]  # appended under the same header
+
+
+def test_probes_change_only_which_rows_a_user_reads(bd: Board, tmp_path: Path) -> None:
+    """`sparcode index --probes` travels with the query encoder; `sparcode eval --probes` overrides it without a
+    rebuild; either way the index serves the exact scores of the model with that many probes."""
+    one, four = tmp_path / "p1", tmp_path / "p4"
+    m1 = build_index(bd.runs["sparcode"], one, ds=bd.ds, probes=1, codes="all", progress=False)
+    m4 = build_index(bd.runs["sparcode"], four, ds=bd.ds, probes=4, codes="all", progress=False)
+    assert (m1["probes"], m4["probes"]) == (1, 4) and m1["nnz"] == m4["nnz"]  # the same index
+    assert load_checkpoint(four / "query_encoder.pt")["config"]["model"]["probes"] == 4
+    kw = dict(threads=1, latency_queries=5, exact_users=10_000, write=False)
+    r1 = evaluate_index(one, bd.ds, "test", (20, 50), **kw)
+    r4 = evaluate_index(four, bd.ds, "test", (20, 50), **kw)
+    assert (r1["probes"], r4["probes"]) == (1, 4)
+    assert r1["overlap@50"] == r4["overlap@50"] == 1.0  # each against exact scoring with its own probes
+    assert any(r4[k] != r1[k] for k in ("recall@20", "recall@50", "ndcg@20", "ndcg@50"))  # other rankings
+    for folder, width in ((one, 4), (four, 16)):  # K_u = 4 tokens, P codes each
+        art = load_artifact(folder)
+        assert encode_users(art.model, bd.ds, bd.ds.test.query, bd.ds.test.users).shape[1] == width
+    again = evaluate_index(one, bd.ds, "test", (20, 50), probes=4, **kw)  # served with 4, no rebuild
+    assert again["probes"] == 4 and again["overlap@50"] == 1.0
+    for k in ("recall@20", "recall@50", "ndcg@50", "list_len@50"):
+        assert again[k] == r4[k], k
+    with pytest.raises(UserError, match="--probes must be between 1 and the model's 64 code ids"):
+        evaluate_index(one, bd.ds, probes=65, **kw)
+    tt = tmp_path / "tt"
+    build_index(bd.runs["two-tower"], tt, ds=bd.ds, progress=False)
+    with pytest.raises(UserError, match="--probes applies to a sparcode index"):
+        evaluate_index(tt, bd.ds, probes=2, **kw)
+    with pytest.raises(UserError, match="apply to sparcode runs"):
+        build_index(bd.runs["two-tower"], tmp_path / "x", ds=bd.ds, probes=2, progress=False)
+    assert _cli(["eval", "--run", str(bd.runs["sparcode"].parent), "--probes", "2"]) == 2
+    assert _cli(["eval", "--index", str(one), "--probes", "0"]) == 2
 
 
 def test_two_tower_hnsw_overlap_is_against_flat(bd: Board, tmp_path: Path) -> None:

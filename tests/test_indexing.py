@@ -134,7 +134,8 @@ def test_codes(bd: Board) -> None:
     codes = reached_codes(model, bd.ds)
     assert 8 <= len(codes) < model.n_codes  # spread over many codes, not the whole universe
     enc = encode_users(model, bd.ds, bd.ds.test.query, bd.ds.test.users)
-    assert enc.shape == (len(bd.ds.test.users), 4) and (np.diff(enc, axis=1) >= 0).all()  # sorted rows
+    width = model.k_u * model.probes  # each token's `probes` nearest codes
+    assert enc.shape == (len(bd.ds.test.users), width) and (np.diff(enc, axis=1) >= 0).all()  # sorted rows
 
 
 # ------------------------------------------------------------------------------------------------ sparse

@@ -144,7 +144,7 @@ def test_score_all_is_the_sum_of_the_users_code_rows(kind: str) -> None:
         model.bias.fill_(-float(g.quantile(0.9)))
         scores = model.score_all(q)
         codes = model.codes(q)
-        assert codes.shape == (24, model.k_u) and int(codes.max()) < model.n_codes
+        assert codes.shape == (24, model.k_u * model.probes) and int(codes.max()) < model.n_codes
         uniq = torch.unique(codes)
         rows = model.score_codes(uniq)
         assert rows.shape == (len(uniq), ds.n_items + 1) and (rows[:, 0] == 0).all() and (rows >= 0).all()

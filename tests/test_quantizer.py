@@ -185,3 +185,52 @@ def test_residual_ema_and_restarts_train_every_stage() -> None:
     assert stats["codes_in_use"] == [4, 4] and stats["distinct_tuples"] > 4
     # the second stage's codewords are residual-sized: smaller than the first's
     assert rq.codebooks[1].norm(dim=1).mean() < rq.codebooks[0].norm(dim=1).mean()
+
+
+# ------------------------------------------------------------------------------------------------ multi-probe
+def _brute_nearest(q: ProductQuantizer, z: torch.Tensor, p: int) -> torch.Tensor:
+    """The p code ids whose decoded vectors are nearest to each token, over the whole code universe."""
+    d2 = torch.cdist(z, q.decode(torch.arange(q.n_codes))).pow(2)
+    return d2.topk(p, dim=1, largest=False).indices
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_one_probe_is_the_quantizers_own_assignment(residual: bool) -> None:
+    torch.manual_seed(2)
+    q = ProductQuantizer(6, 2, 7, residual=residual).eval()
+    z = torch.randn(4, 5, 6)
+    assert torch.equal(q.nearest(z, 1), q.encode(z).unsqueeze(-1))
+
+
+def test_product_probes_are_the_exact_nearest_codes() -> None:
+    """Chunk distances add up and are independent, so a beam of width p finds the exact p nearest tuples."""
+    torch.manual_seed(3)
+    q = ProductQuantizer(6, 3, 5).eval()
+    z = torch.randn(30, 6)
+    for p in (2, 4, 9):
+        got = q.nearest(z, p)
+        assert got.shape == (30, p)
+        assert torch.equal(got, _brute_nearest(q, z, p))
+
+
+def test_residual_probes_are_a_beam_exact_when_it_holds_every_first_stage_word() -> None:
+    torch.manual_seed(4)
+    q = ProductQuantizer(8, 2, 6, residual=True).eval()
+    z = torch.randn(40, 8)
+    # width N: the first stage keeps all its N words, so the second ranks all N^2 sums
+    assert torch.equal(q.nearest(z, 6), _brute_nearest(q, z, 6))
+    got = q.nearest(z.reshape(8, 5, 8), 3)
+    assert got.shape == (8, 5, 3)
+    flat = got.reshape(40, 3)
+    assert all(len(set(r.tolist())) == 3 for r in flat)  # distinct codes
+    d2 = (z.unsqueeze(1) - q.decode(flat)).pow(2).sum(-1)
+    assert (d2.diff(dim=1) >= -1e-5).all()  # nearest first
+    greedy = (z - q.decode(q.encode(z))).pow(2).sum(-1)
+    assert (d2[:, 0] <= greedy + 1e-5).all()  # the beam never does worse than the greedy assignment
+
+
+def test_probes_on_a_flat_codebook_are_the_nearest_codewords() -> None:
+    torch.manual_seed(5)
+    q = ProductQuantizer(4, 1, 16, residual=True).eval()
+    z = torch.randn(20, 4)
+    assert torch.equal(q.nearest(z, 5), _brute_nearest(q, z, 5))

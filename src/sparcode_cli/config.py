@@ -78,6 +78,7 @@ IDENTITY_UNLESS_CHANGED = {
     ("model", "tower"): "mlp",
     ("model", "history"): True,
     ("model", "distill"): 0.0,
+    ("model", "probes"): 1,
 }
 
 

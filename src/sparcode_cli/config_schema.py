@@ -27,6 +27,7 @@ from sparcode_cli.errors import UserError
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # what devices.resolve_device accepts
 
 MAX_CODE_IDS = 2**63  # code ids are int64
+MAX_PROBES = 64  # multi-probe serving: a beam of probes x N candidates per stage and token
 
 
 class Section(BaseModel):
@@ -167,6 +168,7 @@ class SparCodeConfig(TokenCrossConfig):
     leak_steps: int = Field(ge=0)
     logit_scale: float = Field(gt=0, le=100)  # the learned scale is clamped at 100
     distill: float = Field(ge=0)  # 0 = no teacher
+    probes: int = Field(ge=1, le=MAX_PROBES)  # serving: code ids read per user token
 
     def cross_key_problems(self) -> list[str]:
         problems = super().cross_key_problems()
@@ -175,6 +177,11 @@ class SparCodeConfig(TokenCrossConfig):
                 f"model.token_dim = {self.token_dim} is not allowed with model.m = {self.m}: must be a multiple "
                 'of m (the product quantizer cuts a token into m equal chunks; model.quantizer = "residual" '
                 "does not)"
+            )
+        if self.probes > self.n_codewords**self.m:
+            problems.append(
+                f"model.probes = {self.probes} is not allowed with model.n_codewords = {self.n_codewords} and "
+                f"model.m = {self.m}: must be at most n_codewords^m, the number of code ids"
             )
         if self.n_codewords**self.m >= MAX_CODE_IDS:
             problems.append(
@@ -200,6 +207,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 class IndexOptions(Section):
     bias: float | None
+    probes: Annotated[int, Field(ge=1, le=MAX_PROBES)] | None
     max_per_code: PositiveInt | None
     scores: Literal["float32", "float16", "uint8"] | None
     codes: Literal["auto", "reached", "all"] | None
@@ -220,6 +228,7 @@ class EvalOptions(Section):
     latency_queries: int = Field(ge=0)
     exact_users: int = Field(ge=0)
     device: str | None = Field(pattern=DEVICE_PATTERN)
+    probes: Annotated[int, Field(ge=1, le=MAX_PROBES)] | None
 
 
 # -- checking -----------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from sparcode_cli.indexing import (
     QUERY_ENCODER,
     encode_users,
     resolve_dataset,
+    set_probes,
     versions,
 )
 from sparcode_cli.metrics import DEFAULT_KS, metrics_from_topk
@@ -383,10 +384,12 @@ def evaluate_index(
     latency_queries: int = LATENCY_QUERIES,
     exact_users: int = EXACT_USERS,
     repeats: int = REPEATS,
+    probes: int | None = None,
     write: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate an index artifact on `split` (see the module docstring); returns the metrics.json dict."""
+    """Evaluate an index artifact on `split` (see the module docstring); returns the metrics.json dict.
+    `probes`: serve a SparCode index with this many code ids per user token instead of the artifact's."""
     from sparcode_cli.retrieval.faiss_index import threads as faiss_threads
 
     t_start = time.perf_counter()
@@ -400,6 +403,10 @@ def evaluate_index(
         m.get("processed_dir"), dataset, mirror, progress,
     )  # fmt: skip
     art = load_artifact(folder, m)
+    if probes is not None:
+        if not art.sparse:
+            raise UserError("--probes applies to a sparcode index; this is a Faiss index", "Drop --probes.")
+        set_probes(art.model, probes)
     if ds.n_items != int(m["n_items"]):
         raise UserError(f"the index has {m['n_items']} items, the dataset {ds.n_items}", REBUILD)
     es = ds.split(split)
@@ -478,6 +485,7 @@ def evaluate_index(
         "pairs_per_s": m.get("pairs_per_s"),
         "bias": m.get("bias"),
         "max_per_code": m.get("max_per_code"),
+        "probes": int(art.model.probes) if art.sparse else None,
         "faiss_params": m.get("faiss_params"),
     }
     return _finish(out, ds, es, top, folder, save_topk, write, t_start)

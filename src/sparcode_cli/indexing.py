@@ -180,6 +180,15 @@ def encode_users(
     return np.concatenate(out)
 
 
+def set_probes(model: Any, probes: int) -> None:
+    """Serve `model` (SparCode) with `probes` code ids per user token; a UserError when it has fewer codes."""
+    if not 1 <= int(probes) <= int(model.n_codes):
+        raise UserError(
+            f"--probes must be between 1 and the model's {model.n_codes:,} code ids, got {probes}"
+        )
+    model.probes = int(probes)  # the code rows stay: only which rows a user reads changes
+
+
 def resolve_codes(codes: str, n_codes: int, n_items: int) -> str:
     """ "auto" -> "all" when the universe's (code, item) pairs are at most AUTO_ALL_PAIRS, else "reached"."""
     if codes != "auto":
@@ -395,6 +404,7 @@ def build_index(
     mirror: str | None = None,
     bias: float | None = None,
     max_per_code: int | None = None,
+    probes: int | None = None,
     codes: str | None = None,
     scores: str | None = None,
     faiss_kind: str | None = None,
@@ -416,7 +426,8 @@ def build_index(
     only a CPU build reproduces CPU exact scoring bit for bit.
 
     `ds`: the dataset (else resolved from `dataset`, the processed cache or the run's dataset name; its data
-    hash must match the run's). SparCode options: bias, max_per_code, codes ("auto" | "reached" | "all"),
+    hash must match the run's). SparCode options: bias, max_per_code, probes (code ids read per user token at
+    serving, stored in the artifact's query encoder config; default the run's), codes ("auto" | "reached" | "all"),
     scores (how the index stores them: "float32" (default) | "float16" | "uint8"), memory_budget_mb. Two-tower options: faiss_kind ("flat" | "ivf" | "hnsw"), nlist, nprobe, hnsw_m,
     ef_construction, ef_search.
     """
@@ -438,10 +449,15 @@ def build_index(
     if sparse and faiss_kind is not None:
         raise UserError("--faiss applies to two-tower runs; this is a sparcode run")
     if not sparse and (
-        bias is not None or max_per_code is not None or codes is not None or scores is not None
+        bias is not None
+        or max_per_code is not None
+        or codes is not None
+        or scores is not None
+        or probes is not None
     ):
         raise UserError(
-            "--bias, --max-per-code, --codes and --scores apply to sparcode runs; this is a two-tower run"
+            "--bias, --max-per-code, --probes, --codes and --scores apply to sparcode runs; this is a "
+            "two-tower run"
         )
     codes = codes or "auto"
     scores = scores or "float32"
@@ -483,6 +499,10 @@ def build_index(
     if int(model.ctx.n_items) != ds.n_items:
         raise UserError(f"the run has {model.ctx.n_items} items but the dataset {ds.n_items}")
     model.to(dev)
+    enc_config = ckpt["config"]
+    if probes is not None:
+        set_probes(model, probes)
+        enc_config = {**enc_config, "model": {**enc_config["model"], "probes": int(probes)}}
 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -538,7 +558,7 @@ def build_index(
                 )
             enc = make_checkpoint(
                 model,  # make_checkpoint copies the weights to CPU
-                ckpt["config"],
+                enc_config,
                 with_rng=False,
                 run_id=manifest["run_id"],
                 data_hash=manifest["data_hash"],
@@ -608,6 +628,7 @@ def _build_sparse(
         "n_codes_universe": int(model.n_codes),
         "n_codes_built": int(index.n_rows),
         "k_u": int(model.k_u),
+        "probes": int(model.probes),
         "nnz": int(index.nnz),
         "density": float(index.density),
         "mean_row_nnz": float(index.nnz / index.n_rows) if index.n_rows else 0.0,
@@ -709,6 +730,7 @@ def summary_rows(manifest: dict[str, Any]) -> list[tuple[str, str]]:
             ("codes built", built),
             ("bias", f"{manifest['bias']:.4f} (trained {manifest['bias_trained']:.4f})"),
             ("max per code", str(manifest["max_per_code"] or "-")),
+            ("probes per token", str(manifest.get("probes", 1))),
             ("scores", str(manifest.get("scores") or "float32")),
         ]
     else:

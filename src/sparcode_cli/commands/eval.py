@@ -43,6 +43,13 @@ def eval_(
         help="--run only: where exact scoring runs (default auto: CUDA when present; the timings are then "
         "the GPU's). An index is served on CPU.",
     ),
+    probes: int = typer.Option(
+        None,
+        "--probes",
+        show_default=False,
+        help="--index of a sparcode run only: code ids each user token reads, its P nearest (default: the "
+        "artifact's). Trades QPS for recall without rebuilding the index.",
+    ),
     mirror: str = typer.Option(None, "--mirror", envvar="SPARCODE_MIRROR", help="Mirror for raw data."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress display."),
 ) -> None:
@@ -69,8 +76,15 @@ def eval_(
         "latency_queries": latency_queries,
         "exact_users": exact_users,
         "device": device,
+        "probes": probes,
     }
     check_options(EvalOptions, options)
+    if run is not None and probes is not None:
+        raise UserError(
+            "--probes applies to --index (how the index is served); a run is scored with its model.probes",
+            "Build and evaluate an index: sparcode index RUN_DIR --out DIR, then sparcode eval --index DIR "
+            "--probes P",
+        )
     if index is not None and device is not None:
         raise UserError(
             "--device applies to --run (exact scoring); an index is served on CPU",
@@ -80,7 +94,15 @@ def eval_(
     kw = dict(dataset=dataset, mirror=mirror, save_topk=save_topk, latency_queries=latency_queries)
     if index is not None:
         res = evaluate_index(
-            index, None, split, ks, threads, exact_users=exact_users, progress=not no_progress, **kw
+            index,
+            None,
+            split,
+            ks,
+            threads,
+            exact_users=exact_users,
+            probes=probes,
+            progress=not no_progress,
+            **kw,
         )
     else:
         res = evaluate_run(
@@ -128,6 +150,8 @@ def eval_(
         "index size", "-" if res["index_bytes"] is None else f"{res['index_bytes'] / 2**20:,.2f} MiB"
     )
     table.add_row("nnz / density", f"{opt(res['nnz'], ',')} / {opt(res['density'], '.4f')}")
+    if res.get("probes") is not None:
+        table.add_row("probes (codes read per user token)", str(res["probes"]))
     table.add_row("mean list length", f"{res['mean_list_len']:.2f}")
     table.add_row("users on the fly", str(res["users_on_the_fly"]))
     Console().print(table)

@@ -22,6 +22,13 @@ def index(
     max_per_code: int = typer.Option(
         None, "--max-per-code", show_default=False, help="sparcode: keep only each code's best M items."
     ),
+    probes: int = typer.Option(
+        None,
+        "--probes",
+        show_default=False,
+        help="sparcode: code ids each user token reads at serving, its P nearest (default: the run's "
+        "model.probes). More rows per user: higher recall, lower QPS; the index itself is the same.",
+    ),
     scores: str = typer.Option(
         None,
         "--scores",
@@ -90,6 +97,7 @@ def index(
         {
             "bias": bias,
             "max_per_code": max_per_code,
+            "probes": probes,
             "scores": scores,
             "codes": codes,
             "faiss": faiss,
@@ -110,6 +118,7 @@ def index(
         mirror=mirror,
         bias=bias,
         max_per_code=max_per_code,
+        probes=probes,
         scores=scores,
         codes=codes,
         faiss_kind=faiss,

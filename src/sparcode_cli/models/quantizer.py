@@ -152,6 +152,36 @@ class ProductQuantizer(nn.Module):
         """(..., D) tokens -> (...) code ids. Pure: changes nothing."""
         return self.ids_from_tuples(self.assign(z))
 
+    @torch.no_grad()
+    def nearest(self, z: Tensor, p: int) -> Tensor:
+        """(..., D) tokens -> (..., p) code ids, nearest first (squared L2 to the decoded ẑ): the multi-probe
+        codes of serving. A beam of width p over the codebooks, p x N candidates per stage: for the product
+        quantizer the exact p nearest tuples (chunk distances add up and are independent); for the residual
+        one the beam keeps the p best partial sums. p = 1 is `encode` (the greedy assignment) bit for bit.
+        Pure: changes nothing."""
+        if p == 1:
+            return self.encode(z).unsqueeze(-1)
+        flat = z.detach().reshape(-1, self.dim)
+        t = len(flat)
+        ids = torch.zeros(t, 1, dtype=torch.long, device=flat.device)
+        cost = torch.zeros(t, 1, dtype=flat.dtype, device=flat.device)  # distance so far of each beam entry
+        res = flat.unsqueeze(1)  # residual: what each beam entry leaves, (T, b, D)
+        chunks = None if self.residual else self._chunks(flat)  # (M, T, d)
+        for m in range(self.M):
+            cb = self.codebooks[m]  # (N, d)
+            sq = (cb * cb).sum(-1)
+            if self.residual:  # the whole error after this stage, ||r - c||^2, per beam entry
+                d2 = (res * res).sum(-1, keepdim=True) + sq - 2.0 * res @ cb.T  # (T, b, N)
+            else:  # the chunks' errors so far plus this chunk's
+                x = chunks[m]
+                d2 = cost.unsqueeze(-1) + ((x * x).sum(-1, keepdim=True) + sq - 2.0 * x @ cb.T).unsqueeze(1)
+            top = d2.reshape(t, -1).topk(min(p, d2.shape[1] * self.N), dim=1, largest=False)
+            entry, word = top.indices // self.N, top.indices % self.N
+            ids, cost = ids.gather(1, entry) * self.N + word, top.values
+            if self.residual:
+                res = res.gather(1, entry.unsqueeze(-1).expand(-1, -1, self.dim)) - cb[word]
+        return ids.reshape(*z.shape[:-1], -1)
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z (..., D) -> (ẑ with straight-through gradient, code ids (...), commitment loss).
 

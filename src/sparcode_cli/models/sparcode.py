@@ -38,10 +38,12 @@ tokens, quantized and cut at the target from step 0. The trainer validates this 
 it as the best checkpoint unless a trained epoch does better on validation.
 
 Serving: g sees the user only through its code ids, so the scores form a fixed (n_codes, n_items + 1)
-table. `score_codes` computes its rows (what `sparcode index` stores); `score_all` adds a user's K_u rows
+table. `score_codes` computes its rows (what `sparcode index` stores); `score_all` adds a user's rows
 in ascending code-id order (count x row for a repeated code), as the index's serving kernel does
-(retrieval/sparse_index.py), so the index gives exact model scores bit for bit.
-A score of exactly 0 means "not retrieved".
+(retrieval/sparse_index.py), so the index gives exact model scores bit for bit. Multi-probe (`probes`
+P, serving only, as IVF's nprobe): each token reads the rows of its P nearest codes (a beam over the
+codebooks, `ProductQuantizer.nearest`; P = 1 is the code trained on), K_u x P rows per user. The rows
+are the same; validation, the index and exact scoring all use P. A score of exactly 0 means "not retrieved".
 
 Why the model has this form (the alternatives and their measurements): experiments/results/
 sparcode-design-history.md.
@@ -110,6 +112,7 @@ class SparCode(TokenCross):
         self.leak, self.leak_steps = float(cfg.get("leak", 0.1)), int(cfg.get("leak_steps", 2000))
         self.density_items = int(cfg.get("density_items", 128))
         self.distill = float(cfg.get("distill", 0.0))
+        self.probes = int(cfg.get("probes", 1))  # serving: code ids read per user token (multi-probe)
         self.teacher = TwoTowerTeacher(cfg, ctx) if self.distill > 0 else None
         init_scale = float(cfg.get("logit_scale", 5.0))
         self.log_logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)))
@@ -257,8 +260,10 @@ class SparCode(TokenCross):
     # -- codes and the code x item table ------------------------------------------------------------------
     @torch.no_grad()
     def codes(self, q: QueryBatch) -> Tensor:
-        """(B, K_u) int64 code ids in [0, N^M) of each query's tokens. Never changes a codebook."""
-        return self.quantizer.encode(self.user_tokens(q))
+        """(B, K_u x probes) int64 code ids in [0, N^M): each query token's `probes` nearest codes, nearest
+        first (probes 1: the quantizer's own assignment, the code trained on). Never changes a codebook."""
+        z = self.user_tokens(q)
+        return self.quantizer.nearest(z, self.probes).reshape(len(z), -1)
 
     @torch.no_grad()
     def score_codes(self, code_ids: Tensor, items: Tensor | None = None) -> Tensor:
@@ -306,12 +311,12 @@ class SparCode(TokenCross):
         """Exact model scores (B, n_items + 1), column 0 = -inf: the sum of the score_codes rows of each user's
         K_u codes, accumulated in ascending code-id order (count x row for a repeated code), as the sparse
         index's serving kernel does, so the index reproduces these numbers exactly."""
-        codes = self.codes(q)  # (B, K_u)
+        codes = self.codes(q)  # (B, K_u x probes)
         uniq, inv = torch.unique(codes, return_inverse=True)  # uniq sorted
         rows = self._cached_rows(uniq)  # (U, n_items + 1)
         srt = inv.sort(dim=1).values
         out = torch.zeros(len(codes), rows.shape[1], dtype=rows.dtype, device=rows.device)
-        for p in range(self.k_u):
+        for p in range(codes.shape[1]):
             col = srt[:, p]
             first = torch.ones_like(col, dtype=torch.bool) if p == 0 else col != srt[:, p - 1]
             count = (srt == col.unsqueeze(1)).sum(1).to(rows.dtype)
