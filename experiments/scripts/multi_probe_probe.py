@@ -1,120 +1,180 @@
-"""Multi-probe serving of a trained SparCode run: each user token reads its P nearest codes' rows, not 1.
+"""Multi-probe serving of trained SparCode runs: accuracy and cost at each `probes` P, beside Faiss flat.
 
-The index is unchanged (same rows, same density); only the serving side changes, as IVF's nprobe does for
-Faiss: a user token z_k is quantized to the P code ids whose decoded vectors ẑ are nearest to z_k (squared L2
-over every code id: for the residual quantizer the exact P nearest sums, not a beam), and the user's score is
-the sum of those K_u x P cut rows (a code hit twice counts twice, as the model's count x row does). P = 1 is
-not the model's own score for the residual quantizer, which assigns greedily, stage by stage: P = 0 is that
-(checked against `metrics.evaluate` of the run: the script stops if it differs).
-
-Per P it prints test Recall@20 / @50 (full ranking, query items masked: `metrics.evaluate`), the candidate
-recall (the share of a user's test targets with a positive score), the mean retrievable set, and the serving
-cost per user: distinct rows read and index entries summed (the kept items of those rows), against Faiss
-flat's n_items x d multiply-adds.
+`model.probes` P makes each user token read the rows of its P nearest codes (a beam over the codebooks,
+`ProductQuantizer.nearest`; P = 1 is the code trained on); the index is the same. For every SparCode run
+given, this script builds its index once (`sparcode index`) and the Faiss flat index of the two-tower run it
+was warm-started from, then for each P serves the index with `sparcode eval --index DIR --probes P`
+(`evaluation.evaluate_index`, full ranking, query items masked, overlap with exact scoring checked) on the
+validation and test splits. Per P it reports Recall@20 / @50, the index's batch QPS at 1 thread and its ratio
+to Faiss flat's (measured in the same process, over the same users), the query encoding rate (the beam is part
+of encoding: users/s with their codes), the two together (end to end, one thread), the rows and index
+entries a test user reads, and the candidate recall (the share of a test user's targets with a positive
+score, as in waterfall.py).
 
     SPARCODE_HOME=<home> OMP_NUM_THREADS=1 .venv/bin/python experiments/scripts/multi_probe_probe.py \
-        <sparcode run folder> [...] --probes 1,2,4,8
+        <sparcode run folder> [...] --probes 1,2,4,8 --json out.json --md out.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
+import tomllib
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 from waterfall import candidate_recall  # experiments/scripts/waterfall.py: the same definition as its steps
 
-from sparcode_cli.metrics import evaluate
-from sparcode_cli.models import load_checkpoint, model_from_checkpoint
-from sparcode_cli.models.base import QueryBatch
-from sparcode_cli.models.sparcode import SparCode
+from sparcode_cli.evaluation import evaluate_index, load_artifact
+from sparcode_cli.indexing import build_index, encode_users, set_probes
 from sparcode_cli.paths import processed_root
 from sparcode_cli.reproduce import jobs
 
-SPLIT = "test"
+KS = (20, 50)
+EVAL = dict(threads=1, latency_queries=100, write=False, progress=False)
 
 
-class MultiProbe(nn.Module):
-    """score(u, i) = sum over the K_u tokens and their P nearest code ids c of row_c(i) (the cut rows)."""
+def read_rows(art: Any, ds: Any) -> tuple[float, float]:
+    """(distinct code rows, index entries) a test user reads, means over test users."""
+    es = ds.split("test")
+    enc = encode_users(art.model, ds, es.query, es.users)
+    index = art.index
+    row_nnz = np.diff(index.matrix.indptr)
+    rows, entries = [], []
+    for codes in enc:
+        uniq = np.unique(codes)
+        pos = np.searchsorted(index.code_ids, uniq)
+        built = (pos < len(index.code_ids)) & (
+            index.code_ids[np.minimum(pos, len(index.code_ids) - 1)] == uniq
+        )
+        rows.append(len(uniq))
+        entries.append(int(row_nnz[pos[built]].sum()))
+    return float(np.mean(rows)), float(np.mean(entries))
 
-    exclude_nonpositive = True
 
-    def __init__(self, model: SparCode, probes: int) -> None:
-        """probes 0: the model's own (greedy, for the residual quantizer) assignment, one code per token."""
-        super().__init__()
-        self.m, self.p, self.cfg = model, probes, model.cfg
-        ids = torch.arange(model.n_codes)
-        with torch.no_grad():
-            self.rows = model.eval().score_codes(ids)  # (n_codes, n_items + 1), the index's rows
-            self.decoded = model.quantizer.decode(ids)  # (n_codes, D)
-        self.row_nnz = (self.rows[:, 1:] > 0).sum(1)
-        self.read_rows: list[int] = []
-        self.read_entries: list[int] = []
-        self.eval()
+def one_run(run: Path, probes: list[int], work: Path) -> list[dict[str, Any]]:
+    meta = json.loads((run / "meta.json").read_text())
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    encoder = str(cfg["model"]["query_encoder"])
+    two_tower = Path(meta["init_from"])
+    ds = jobs.load(processed_root() / meta["data_hash"], 0, 0)
+    sp_dir, tt_dir = work / f"{run.name}-index", work / f"{run.name}-flat"
+    build_index(run, sp_dir, ds=ds, progress=False)
+    build_index(two_tower, tt_dir, ds=ds, faiss_kind="flat", progress=False)
+    flat = {split: evaluate_index(tt_dir, ds, split, KS, **EVAL) for split in ("valid", "test")}
+    out = []
+    for p in probes:
+        res = {split: evaluate_index(sp_dir, ds, split, KS, probes=p, **EVAL) for split in ("valid", "test")}
+        for split in res.values():
+            if split["overlap@50"] != 1.0:
+                raise SystemExit(
+                    f"{run.name} P = {p}: the index differs from exact scoring ({split['overlap@50']})"
+                )
+        art = load_artifact(sp_dir)
+        set_probes(art.model, p)
+        rows, entries = read_rows(art, ds)
+        cand, size = candidate_recall(art.model, ds)
+        t = res["test"]
+        rec = {
+            "run": run.name,
+            "two_tower": two_tower.name,
+            "encoder": encoder,
+            "seed": int(meta["seed"]),
+            "probes": p,
+            "valid_r20": res["valid"]["recall@20"],
+            "valid_r50": res["valid"]["recall@50"],
+            "test_r20": t["recall@20"],
+            "test_r50": t["recall@50"],
+            "tt_valid_r20": flat["valid"]["recall@20"],
+            "tt_valid_r50": flat["valid"]["recall@50"],
+            "tt_test_r20": flat["test"]["recall@20"],
+            "tt_test_r50": flat["test"]["recall@50"],
+            "qps_1t": t["qps_batch_1t"],
+            "flat_qps_1t": flat["test"]["qps_batch_1t"],
+            "encode_qps": t["encode_qps"],
+            "flat_encode_qps": flat["test"]["encode_qps"],
+            "rows_read": rows,
+            "entries_read": entries,
+            "candidate_recall": cand,
+            "set": size,
+            "density": t["density"],
+        }
+        out.append(rec)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+    return out
 
-    @torch.no_grad()
-    def codes(self, q: QueryBatch) -> Tensor:
-        """(B, K_u * P) code ids: each token's P nearest decoded codes."""
-        if self.p == 0:
-            return self.m.codes(q)
-        z = self.m.user_tokens(q)  # (B, K_u, D)
-        d2 = torch.cdist(z.reshape(-1, z.shape[-1]), self.decoded).pow(2)  # (B K_u, n_codes)
-        return d2.topk(self.p, dim=1, largest=False).indices.reshape(len(z), -1)
 
-    @torch.no_grad()
-    def score_all(self, q: QueryBatch) -> Tensor:
-        codes = self.codes(q)
-        out = self.rows[codes].sum(1)
-        for row in codes:
-            uniq = torch.unique(row)
-            self.read_rows.append(len(uniq))
-            self.read_entries.append(int(self.row_nnz[uniq].sum()))
-        out[:, 0] = float("-inf")
-        return out
+def both(retrieve_qps: float, encode_qps: float) -> float:
+    """Users per second through encoding (the beam included) and retrieval, one after the other."""
+    return 1.0 / (1.0 / retrieve_qps + 1.0 / encode_qps)
+
+
+def table(recs: list[dict[str, Any]]) -> list[str]:
+    """Mean over seeds per (encoder, P)."""
+    by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in recs:
+        by[(r["encoder"], r["probes"])].append(r)
+    lines = [
+        "| encoder | P | seeds | rows / user | entries / user | cand. recall | valid R@20 | valid R@50 | test R@20 "
+        "| test R@50 | test R@50 − two-tower (per seed) | QPS 1 thread | × Faiss flat | encode users/s "
+        "| end to end users/s | × flat end to end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def m(rs: list[dict[str, Any]], k: str) -> float:
+        return statistics.mean(r[k] for r in rs)
+
+    for (enc, p), rs in sorted(by.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        diffs = [r["test_r50"] - r["tt_test_r50"] for r in rs]
+        ratio = statistics.mean(r["qps_1t"] / r["flat_qps_1t"] for r in rs)
+        e2e = statistics.mean(both(r["qps_1t"], r["encode_qps"]) for r in rs)
+        e2e_ratio = statistics.mean(
+            both(r["qps_1t"], r["encode_qps"]) / both(r["flat_qps_1t"], r["flat_encode_qps"]) for r in rs
+        )
+        lines.append(
+            f"| {enc} | {p} | {len(rs)} | {m(rs, 'rows_read'):.1f} | {m(rs, 'entries_read'):,.0f} "
+            f"| {m(rs, 'candidate_recall'):.3f} | {m(rs, 'valid_r20'):.4f} | {m(rs, 'valid_r50'):.4f} "
+            f"| {m(rs, 'test_r20'):.4f} | {m(rs, 'test_r50'):.4f} "
+            f"| {statistics.mean(diffs):+.4f} ({', '.join(f'{d:+.4f}' for d in diffs)}) "
+            f"| {m(rs, 'qps_1t'):,.0f} | {ratio:.1f}× | {m(rs, 'encode_qps'):,.0f} | {e2e:,.0f} | {e2e_ratio:.1f}× |"
+        )
+    for enc in sorted({r["encoder"] for r in recs}):
+        rs = [r for r in recs if r["encoder"] == enc and r["probes"] == min(x["probes"] for x in recs)]
+        lines.append(
+            f"| {enc} two-tower, Faiss flat | – | {len(rs)} | – | – | – | {m(rs, 'tt_valid_r20'):.4f} "
+            f"| {m(rs, 'tt_valid_r50'):.4f} | {m(rs, 'tt_test_r20'):.4f} | {m(rs, 'tt_test_r50'):.4f} | – "
+            f"| {m(rs, 'flat_qps_1t'):,.0f} | 1.0× | {m(rs, 'flat_encode_qps'):,.0f} "
+            f"| {statistics.mean(both(r['flat_qps_1t'], r['flat_encode_qps']) for r in rs):,.0f} | 1.0× |"
+        )
+    return lines
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="trained SparCode run folders")
-    ap.add_argument("--probes", default="0,1,2,4,8", help="comma-separated P values (0: greedy)")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--probes", default="1,2,4,8", help="comma-separated P values")
+    ap.add_argument("--json", type=Path, help="write every row as JSON")
+    ap.add_argument("--md", type=Path, help="write the mean table as Markdown")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     probes = [int(p) for p in a.probes.split(",")]
-    out = []
-    for run in a.runs:
-        meta = json.loads((run / "meta.json").read_text())
-        model = model_from_checkpoint(load_checkpoint(run / "checkpoint_best.pt"))
-        assert isinstance(model, SparCode), f"{run} is not a SparCode run"
-        ds = jobs.load(processed_root() / meta["data_hash"], 0, 0)
-        own = evaluate(model, ds, SPLIT, (20, 50)).summary
-        d = int(model.cfg.get("dim", 64))
-        for p in probes:
-            mp = MultiProbe(model, p)
-            s = evaluate(mp, ds, SPLIT, (20, 50)).summary
-            if p == 0 and (s["recall@20"], s["recall@50"]) != (own["recall@20"], own["recall@50"]):
-                raise SystemExit(f"P = 1 differs from the model's own scores: {s} vs {own}")
-            rows, entries = float(np.mean(mp.read_rows)), float(np.mean(mp.read_entries))
-            cand, size = candidate_recall(mp, ds)  # the same rows: scored once per P
-            rec = {
-                "run": run.name,
-                "probes": p,
-                "recall@20": round(s["recall@20"], 4),
-                "recall@50": round(s["recall@50"], 4),
-                "candidate_recall": round(cand, 3),
-                "set": round(size, 3),
-                "rows_read": round(rows, 1),
-                "entries_read": round(entries),
-                "flat_madds": ds.n_items * d,
-            }
-            out.append(rec)
-            print(json.dumps(rec), flush=True)
+    recs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="multi-probe-") as work:
+        for run in a.runs:
+            recs += one_run(run, probes, Path(work))
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        a.json.write_text(json.dumps(recs, indent=1))
+    lines = table(recs)
+    print("\n".join(lines))
+    if a.md:
+        a.md.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

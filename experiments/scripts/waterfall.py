@@ -15,8 +15,14 @@ ranked by `metrics.evaluate` (full ranking, every query item masked) at each ste
     3   + cut at target density      the warm start, every code row cut at target_density
                                      (experiments/scripts/warm_start_step0.py)
     4a  trained, no cut              the trained SparCode run's best checkpoint at row density 1.0   [diagnostic]
-    4   trained SparCode             the trained SparCode run's best checkpoint (cut, exact model scoring)
+    4   trained SparCode             the trained SparCode run's best checkpoint (cut, exact model scoring),
+                                     one code per user token
+    4p  + multi-probe serving        the same checkpoint as served: each token reads its model.probes
+                                     nearest codes' rows (only when the run's model.probes > 1)
     5   all-to-all (exact)           the trained all-to-all run (same two-tower warm start, same seed)
+
+Steps 2a-4 read one code per user token (the code trained on), whatever the run's model.probes, so 1 -> 4
+measures quantization, the cut and training, and 4 -> 4p the serving option alone.
 
 The warm start is rebuilt as the trainer builds it (seeded with the SparCode run's seed, its model config, the
 two-tower checkpoint through `init_from_run`, so the token heads are the run's initial ones), except that the
@@ -86,7 +92,8 @@ STEPS = (
     Step("2", "quantized user tokens, no cut"),
     Step("3", "+ cut at target density (warm start)", cut=True),
     Step("4a", "trained SparCode, no cut", diagnostic=True),
-    Step("4", "trained SparCode", cut=True),
+    Step("4", "trained SparCode, 1 code per token", cut=True),
+    Step("4p", "+ multi-probe serving (as served)", cut=True),
     Step("5", "all-to-all (exact)"),
 )
 
@@ -245,7 +252,11 @@ class DenseSum(nn.Module):
 def warm_start(tt: Run, sp: Run, ds: Dataset, overrides: dict[str, Any] | None = None) -> SparCode:
     """SparCode's untrained warm start as its trainer builds it (seed, config, `init_from_run`), codebooks by
     k-means of every training user's tokens; `overrides` replace model config keys (warm_start_seeds.py's grid)."""
-    cfg = {**load_checkpoint(sp.path / "checkpoint_best.pt")["config"]["model"], **(overrides or {})}
+    cfg = {
+        **load_checkpoint(sp.path / "checkpoint_best.pt")["config"]["model"],
+        "probes": 1,
+        **(overrides or {}),
+    }
     seed_everything(int(sp.meta["seed"]))
     m = build_model("sparcode", cfg, DataContext.from_dataset(ds))
     assert isinstance(m, SparCode)
@@ -259,6 +270,12 @@ def warm_start(tt: Run, sp: Run, ds: Dataset, overrides: dict[str, Any] | None =
 
 def trained(run: Run) -> nn.Module:
     return model_from_checkpoint(load_checkpoint(run.path / "checkpoint_best.pt"))
+
+
+def one_probe(m: SparCode) -> SparCode:
+    """The model reading one code per token, the code it was trained on."""
+    m.probes = 1
+    return m
 
 
 def with_density(m: SparCode, density: float) -> SparCode:
@@ -316,7 +333,7 @@ def score(model: nn.Module, ds: Dataset, with_candidates: bool) -> Cell:
 def waterfall(t: Triple, ds: Dataset) -> dict[str, Cell]:
     """Every step of one (dataset, encoder, seed)."""
     ws = warm_start(t.two_tower, t.sparcode, ds)
-    sp = trained(t.sparcode)
+    sp = one_probe(trained(t.sparcode))  # type: ignore[arg-type]
     assert isinstance(sp, SparCode)
     target = ws.target_density
     models: dict[str, Callable[[], nn.Module]] = {
@@ -328,6 +345,8 @@ def waterfall(t: Triple, ds: Dataset) -> dict[str, Cell]:
         "4a": lambda: with_density(sp, 1.0),
         "4": lambda: with_density(sp, float(sp.target_density)),
     }
+    if int(t.sparcode.model_cfg("probes", 1)) > 1:
+        models["4p"] = lambda: trained(t.sparcode)  # as served: its model.probes
     if t.all_to_all is not None:
         models["5"] = lambda: trained(t.all_to_all)  # type: ignore[union-attr]
     out = {}
@@ -369,9 +388,11 @@ def reference(run: Run, sampled: bool) -> tuple[float, int]:
 
 
 def sanity(t: Triple, cells: dict[str, Cell], sampled: bool) -> list[Check]:
-    """Steps 1, 4 and 5 against the test Recall@20 their runs recorded (`reference`; exact equality)."""
+    """Steps 1, 4 (4p when the run serves with several probes: what it recorded) and 5 against the test Recall@20
+    their runs recorded (`reference`; exact equality)."""
     checks = []
-    for step, run in (("1", t.two_tower), ("4", t.sparcode), ("5", t.all_to_all)):
+    served = "4p" if "4p" in cells else "4"
+    for step, run in (("1", t.two_tower), (served, t.sparcode), ("5", t.all_to_all)):
         if run is not None and step in cells:
             ref, n_ref = reference(run, sampled)
             checks.append(Check(t, step, run, cells[step].r20, ref, cells[step].n_users, n_ref))
@@ -448,13 +469,14 @@ def biggest_drop(info: DatasetInfo) -> list[str]:
         cells = [info.cells[(t.encoder, t.seed)] for t in info.triples if t.encoder == enc]
         keys = [s.key for s in STEPS if all(s.key in c for c in cells)]
         r50 = {k: statistics.mean(c[k].r50 for c in cells) for k in keys}
-        main = drops(r50, ("1", "2", "3", "4"))
+        last = "4p" if "4p" in r50 else "4"
+        main = drops(r50, ("1", "2", "3", "4", "4p") if last == "4p" else ("1", "2", "3", "4"))
         worst = max(main, key=lambda k: main[k])
         out.append(
             f"- {enc}: R@50 lost per main step: "
             + ", ".join(f"{k} {v:+.4f}" for k, v in main.items())
-            + f"; largest: **{worst}**; total 1→4 {r50['1'] - r50['4']:+.4f}"
-            + (f"; all-to-all (5) minus SparCode (4) {r50['5'] - r50['4']:+.4f}" if "5" in r50 else "")
+            + f"; largest: **{worst}**; total 1→{last} {r50['1'] - r50[last]:+.4f}"
+            + (f"; all-to-all (5) minus SparCode ({last}) {r50['5'] - r50[last]:+.4f}" if "5" in r50 else "")
         )
         out.append(
             "  - 1→2 split: "
@@ -511,7 +533,9 @@ def write_report(
         "the model's own dense score",
         "3": "the warm start with every code row cut at target_density (5%)",
         "4a": "the trained SparCode checkpoint at row density 1.0 (no cut)",
-        "4": "the trained SparCode checkpoint (cut at 5%, exact model scoring)",
+        "4": "the trained SparCode checkpoint (cut at 5%, exact model scoring), one code per user token",
+        "4p": "the same checkpoint as served: each user token reads the rows of its `model.probes` nearest codes "
+        "(a beam over the codebooks); absent for runs served with one code per token",
         "5": "the trained all-to-all run (same two-tower warm start and seed), exact",
     }
     lines += [
@@ -527,12 +551,14 @@ def write_report(
     ]
     for info in infos:
         lines += [f"## {info.name}", ""] + dataset_table(info) + [""]
-        lines += ["Largest loss of mean R@50 among the main steps 1→2→3→4:", ""] + biggest_drop(info) + [""]
+        lines += (
+            ["Largest loss of mean R@50 among the main steps 1→2→3→4(→4p):", ""] + biggest_drop(info) + [""]
+        )
         lines += provenance(info) + [""]
     lines += [
         "## Sanity checks",
         "",
-        "Test Recall@20 of steps 1, 4, 5 vs what the run recorded (exact ==): its results.json, or on a sampled "
+        "Test Recall@20 of steps 1, 4 (4p where the run serves several probes), 5 vs what the run recorded (exact ==): its results.json, or on a sampled "
         "dataset its reproduce cell on the same users (`cells/test-sample-*.json`).",
         "",
     ]
