@@ -9,10 +9,11 @@ validation and test splits. Per P it reports Recall@20 / @50, the index's batch 
 to Faiss flat's (measured in the same process, over the same users), the query encoding rate (the beam is part
 of encoding: users/s with their codes), the two together (end to end, one thread), the rows and index
 entries a test user reads, and the candidate recall (the share of a test user's targets with a positive
-score, as in waterfall.py).
+score, as in waterfall.py). `--density-factors` also serves sparser (or denser) indexes of the same model,
+each row's cut shifted as `sparcode index --bias` and the reproduce sparsity sweep shift it, at every P.
 
     SPARCODE_HOME=<home> OMP_NUM_THREADS=1 .venv/bin/python experiments/scripts/multi_probe_probe.py \
-        <sparcode run folder> [...] --probes 1,2,4,8 --json out.json --md out.md
+        <sparcode run folder> [...] --probes 1,2,4,8 --density-factors 1,0.5,0.25 --json out.json --md out.md
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sparcode_cli.evaluation import evaluate_index, load_artifact
 from sparcode_cli.indexing import build_index, encode_users, set_probes
 from sparcode_cli.paths import processed_root
 from sparcode_cli.reproduce import jobs
+from sparcode_cli.reproduce.jobs import _bias_for_density
 
 KS = (20, 50)
 EVAL = dict(threads=1, latency_queries=100, write=False, progress=False)
@@ -58,18 +60,21 @@ def read_rows(art: Any, ds: Any) -> tuple[float, float]:
     return float(np.mean(rows)), float(np.mean(entries))
 
 
-def one_run(run: Path, probes: list[int], work: Path) -> list[dict[str, Any]]:
+def one_run(run: Path, probes: list[int], factors: list[float], work: Path) -> list[dict[str, Any]]:
     meta = json.loads((run / "meta.json").read_text())
     cfg = tomllib.loads((run / "config.toml").read_text())
     encoder = str(cfg["model"]["query_encoder"])
     two_tower = Path(meta["init_from"])
     ds = jobs.load(processed_root() / meta["data_hash"], 0, 0)
-    sp_dir, tt_dir = work / f"{run.name}-index", work / f"{run.name}-flat"
-    build_index(run, sp_dir, ds=ds, progress=False)
+    tt_dir = work / f"{run.name}-flat"
     build_index(two_tower, tt_dir, ds=ds, faiss_kind="flat", progress=False)
     flat = {split: evaluate_index(tt_dir, ds, split, KS, **EVAL) for split in ("valid", "test")}
     out = []
-    for p in probes:
+    for factor, p in [(f, p) for f in factors for p in probes]:
+        sp_dir = work / f"{run.name}-index-{factor:g}"
+        if p == probes[0]:  # one index per density: the bias shift of the reproduce sparsity sweep
+            bias = None if factor == 1.0 else _bias_for_density(run, ds, factor)[0]
+            build_index(run, sp_dir, ds=ds, bias=bias, progress=False)
         res = {split: evaluate_index(sp_dir, ds, split, KS, probes=p, **EVAL) for split in ("valid", "test")}
         for split in res.values():
             if split["overlap@50"] != 1.0:
@@ -87,6 +92,7 @@ def one_run(run: Path, probes: list[int], work: Path) -> list[dict[str, Any]]:
             "encoder": encoder,
             "seed": int(meta["seed"]),
             "probes": p,
+            "density_factor": factor,
             "valid_r20": res["valid"]["recall@20"],
             "valid_r50": res["valid"]["recall@50"],
             "test_r20": t["recall@20"],
@@ -117,20 +123,20 @@ def both(retrieve_qps: float, encode_qps: float) -> float:
 
 def table(recs: list[dict[str, Any]]) -> list[str]:
     """Mean over seeds per (encoder, P)."""
-    by: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    by: dict[tuple[str, float, int], list[dict[str, Any]]] = defaultdict(list)
     for r in recs:
-        by[(r["encoder"], r["probes"])].append(r)
+        by[(r["encoder"], -r["density_factor"], r["probes"])].append(r)
     lines = [
-        "| encoder | P | seeds | rows / user | entries / user | cand. recall | valid R@20 | valid R@50 | test R@20 "
+        "| encoder | density | P | seeds | rows / user | entries / user | cand. recall | valid R@20 | valid R@50 | test R@20 "
         "| test R@50 | test R@50 − two-tower (per seed) | QPS 1 thread | × Faiss flat | encode users/s "
         "| end to end users/s | × flat end to end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
 
     def m(rs: list[dict[str, Any]], k: str) -> float:
         return statistics.mean(r[k] for r in rs)
 
-    for (enc, p), rs in sorted(by.items()):
+    for (enc, _, p), rs in sorted(by.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         diffs = [r["test_r50"] - r["tt_test_r50"] for r in rs]
         ratio = statistics.mean(r["qps_1t"] / r["flat_qps_1t"] for r in rs)
@@ -139,16 +145,17 @@ def table(recs: list[dict[str, Any]]) -> list[str]:
             both(r["qps_1t"], r["encode_qps"]) / both(r["flat_qps_1t"], r["flat_encode_qps"]) for r in rs
         )
         lines.append(
-            f"| {enc} | {p} | {len(rs)} | {m(rs, 'rows_read'):.1f} | {m(rs, 'entries_read'):,.0f} "
+            f"| {enc} | {m(rs, 'density'):.4f} | {p} | {len(rs)} | {m(rs, 'rows_read'):.1f} | {m(rs, 'entries_read'):,.0f} "
             f"| {m(rs, 'candidate_recall'):.3f} | {m(rs, 'valid_r20'):.4f} | {m(rs, 'valid_r50'):.4f} "
             f"| {m(rs, 'test_r20'):.4f} | {m(rs, 'test_r50'):.4f} "
             f"| {statistics.mean(diffs):+.4f} ({', '.join(f'{d:+.4f}' for d in diffs)}) "
             f"| {m(rs, 'qps_1t'):,.0f} | {ratio:.1f}× | {m(rs, 'encode_qps'):,.0f} | {e2e:,.0f} | {e2e_ratio:.1f}× |"
         )
     for enc in sorted({r["encoder"] for r in recs}):
-        rs = [r for r in recs if r["encoder"] == enc and r["probes"] == min(x["probes"] for x in recs)]
+        first = (recs[0]["probes"], recs[0]["density_factor"])
+        rs = [r for r in recs if r["encoder"] == enc and (r["probes"], r["density_factor"]) == first]
         lines.append(
-            f"| {enc} two-tower, Faiss flat | – | {len(rs)} | – | – | – | {m(rs, 'tt_valid_r20'):.4f} "
+            f"| {enc} two-tower, Faiss flat | – | – | {len(rs)} | – | – | – | {m(rs, 'tt_valid_r20'):.4f} "
             f"| {m(rs, 'tt_valid_r50'):.4f} | {m(rs, 'tt_test_r20'):.4f} | {m(rs, 'tt_test_r50'):.4f} | – "
             f"| {m(rs, 'flat_qps_1t'):,.0f} | 1.0× | {m(rs, 'flat_encode_qps'):,.0f} "
             f"| {statistics.mean(both(r['flat_qps_1t'], r['flat_encode_qps']) for r in rs):,.0f} | 1.0× |"
@@ -160,15 +167,21 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="trained SparCode run folders")
     ap.add_argument("--probes", default="1,2,4,8", help="comma-separated P values")
+    ap.add_argument(
+        "--density-factors",
+        default="1",
+        help="comma-separated: also serve indexes `factor` x as dense as trained (sparcode index --bias)",
+    )
     ap.add_argument("--json", type=Path, help="write every row as JSON")
     ap.add_argument("--md", type=Path, help="write the mean table as Markdown")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     probes = [int(p) for p in a.probes.split(",")]
+    factors = [float(f) for f in a.density_factors.split(",")]
     recs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="multi-probe-") as work:
         for run in a.runs:
-            recs += one_run(run, probes, Path(work))
+            recs += one_run(run, probes, factors, Path(work))
     if a.json:
         a.json.write_text(json.dumps(recs, indent=1))
     lines = table(recs)
