@@ -89,6 +89,7 @@ def one_run(run: Path, probes: list[int], factors: list[float], work: Path) -> l
         rec = {
             "run": run.name,
             "two_tower": two_tower.name,
+            "dataset": str(meta["dataset"]),
             "encoder": encoder,
             "seed": int(meta["seed"]),
             "probes": p,
@@ -122,21 +123,21 @@ def both(retrieve_qps: float, encode_qps: float) -> float:
 
 
 def table(recs: list[dict[str, Any]]) -> list[str]:
-    """Mean over seeds per (encoder, P)."""
-    by: dict[tuple[str, float, int], list[dict[str, Any]]] = defaultdict(list)
+    """Mean over seeds per (dataset, encoder, density, P), then each (dataset, encoder)'s Faiss flat row."""
+    by: dict[tuple[str, str, float, int], list[dict[str, Any]]] = defaultdict(list)
     for r in recs:
-        by[(r["encoder"], -r["density_factor"], r["probes"])].append(r)
+        by[(r["dataset"], r["encoder"], -r["density_factor"], r["probes"])].append(r)
     lines = [
-        "| encoder | density | P | seeds | rows / user | entries / user | cand. recall | valid R@20 | valid R@50 | test R@20 "
+        "| dataset | encoder | density | P | seeds | rows / user | entries / user | cand. recall | valid R@20 | valid R@50 | test R@20 "
         "| test R@50 | test R@50 − two-tower (per seed) | QPS 1 thread | × Faiss flat | encode users/s "
         "| end to end users/s | × flat end to end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
 
     def m(rs: list[dict[str, Any]], k: str) -> float:
         return statistics.mean(r[k] for r in rs)
 
-    for (enc, _, p), rs in sorted(by.items()):
+    for (data, enc, _, p), rs in sorted(by.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         diffs = [r["test_r50"] - r["tt_test_r50"] for r in rs]
         ratio = statistics.mean(r["qps_1t"] / r["flat_qps_1t"] for r in rs)
@@ -145,17 +146,21 @@ def table(recs: list[dict[str, Any]]) -> list[str]:
             both(r["qps_1t"], r["encode_qps"]) / both(r["flat_qps_1t"], r["flat_encode_qps"]) for r in rs
         )
         lines.append(
-            f"| {enc} | {m(rs, 'density'):.4f} | {p} | {len(rs)} | {m(rs, 'rows_read'):.1f} | {m(rs, 'entries_read'):,.0f} "
+            f"| {data} | {enc} | {m(rs, 'density'):.4f} | {p} | {len(rs)} | {m(rs, 'rows_read'):.1f} | {m(rs, 'entries_read'):,.0f} "
             f"| {m(rs, 'candidate_recall'):.3f} | {m(rs, 'valid_r20'):.4f} | {m(rs, 'valid_r50'):.4f} "
             f"| {m(rs, 'test_r20'):.4f} | {m(rs, 'test_r50'):.4f} "
             f"| {statistics.mean(diffs):+.4f} ({', '.join(f'{d:+.4f}' for d in diffs)}) "
             f"| {m(rs, 'qps_1t'):,.0f} | {ratio:.1f}× | {m(rs, 'encode_qps'):,.0f} | {e2e:,.0f} | {e2e_ratio:.1f}× |"
         )
-    for enc in sorted({r["encoder"] for r in recs}):
-        first = (recs[0]["probes"], recs[0]["density_factor"])
-        rs = [r for r in recs if r["encoder"] == enc and (r["probes"], r["density_factor"]) == first]
+    first = (recs[0]["probes"], recs[0]["density_factor"])
+    for data, enc in sorted({(r["dataset"], r["encoder"]) for r in recs}):
+        rs = [
+            r
+            for r in recs
+            if (r["dataset"], r["encoder"]) == (data, enc) and (r["probes"], r["density_factor"]) == first
+        ]
         lines.append(
-            f"| {enc} two-tower, Faiss flat | – | – | {len(rs)} | – | – | – | {m(rs, 'tt_valid_r20'):.4f} "
+            f"| {data} | {enc}: two-tower, Faiss flat | – | – | {len(rs)} | – | – | – | {m(rs, 'tt_valid_r20'):.4f} "
             f"| {m(rs, 'tt_valid_r50'):.4f} | {m(rs, 'tt_test_r20'):.4f} | {m(rs, 'tt_test_r50'):.4f} | – "
             f"| {m(rs, 'flat_qps_1t'):,.0f} | 1.0× | {m(rs, 'flat_encode_qps'):,.0f} "
             f"| {statistics.mean(both(r['flat_qps_1t'], r['flat_encode_qps']) for r in rs):,.0f} | 1.0× |"
