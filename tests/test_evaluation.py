@@ -97,6 +97,13 @@ def test_probes_change_only_which_rows_a_user_reads(bd: Board, tmp_path: Path) -
     assert again["probes"] == 4 and again["overlap@50"] == 1.0
     for k in ("recall@20", "recall@50", "ndcg@50", "list_len@50"):
         assert again[k] == r4[k], k
+    # an index of the codes users reach at P = 1, served at P = 4: the codes it lacks are scored on the fly
+    reached = tmp_path / "reached"
+    build_index(bd.runs["sparcode"], reached, ds=bd.ds, probes=1, codes="reached", progress=False)
+    wide = evaluate_index(reached, bd.ds, "test", (20, 50), probes=4, **kw)
+    assert wide["users_on_the_fly"] > 0 and wide["overlap@50"] == 1.0
+    for k in ("recall@20", "recall@50", "ndcg@50"):
+        assert wide[k] == r4[k], k
     with pytest.raises(UserError, match="--probes must be between 1 and the model's 64 code ids"):
         evaluate_index(one, bd.ds, probes=65, **kw)
     tt = tmp_path / "tt"

@@ -195,11 +195,27 @@ def _brute_nearest(q: ProductQuantizer, z: torch.Tensor, p: int) -> torch.Tensor
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_one_probe_is_the_quantizers_own_assignment(residual: bool) -> None:
+def test_one_probe_is_the_code_the_token_trains_on(residual: bool) -> None:
     torch.manual_seed(2)
     q = ProductQuantizer(6, 2, 7, residual=residual).eval()
     z = torch.randn(4, 5, 6)
-    assert torch.equal(q.nearest(z, 1), q.encode(z).unsqueeze(-1))
+    _, trained_ids, _ = q(z)  # the forward pass's codes: what the loss sees
+    assert torch.equal(q.nearest(z, 1), trained_ids.unsqueeze(-1))
+    assert q.nearest(z[:0], 1).shape == q.nearest(z[:0], 3).shape[:-1] + (1,) == (0, 5, 1)  # an empty batch
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_residual_probes_always_include_the_trained_code(p: int) -> None:
+    """The beam can push the greedy tuple out at the last stage; the greedy code then takes the last place."""
+    torch.manual_seed(6)
+    q = ProductQuantizer(8, 3, 6, residual=True)
+    q.init_from(torch.randn(400, 8))  # k-means codebooks, where the beam and the greedy path disagree
+    q.eval()
+    z = torch.randn(500, 8)
+    got = q.nearest(z, p)
+    greedy = q.encode(z)
+    assert (got == greedy.unsqueeze(1)).any(1).all()
+    assert all(len(set(r.tolist())) == p for r in got)  # still p distinct codes
 
 
 def test_product_probes_are_the_exact_nearest_codes() -> None:

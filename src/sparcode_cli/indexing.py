@@ -162,8 +162,8 @@ def encode_users(
     rows: np.ndarray | None = None,
     batch: int = ENCODE_BATCH,
 ) -> np.ndarray:
-    """Encode queries: user users[j] reads history row rows[j] (default j). SparCode -> (U, K_u) int64 code
-    ids, sorted within each row; two-tower -> (U, d) float32 query vectors (1/τ folded in)."""
+    """Encode queries: user users[j] reads history row rows[j] (default j). SparCode -> (U, K_u x probes) int64
+    code ids, sorted within each row; two-tower -> (U, d) float32 query vectors (1/τ folded in)."""
     max_history = int(model.cfg.get("max_history", 50))
     is_codes = hasattr(model, "codes")
     dev = module_device(model)
@@ -176,7 +176,8 @@ def encode_users(
             else:
                 out.append(model.encode_queries(q).float().cpu().numpy())
     if not out:
-        return np.zeros((0, int(getattr(model, "k_u", 0))), dtype=np.int64 if is_codes else np.float32)
+        width = int(getattr(model, "k_u", 0)) * int(getattr(model, "probes", 1))
+        return np.zeros((0, width), dtype=np.int64 if is_codes else np.float32)
     return np.concatenate(out)
 
 

@@ -48,7 +48,8 @@ def eval_(
         "--probes",
         show_default=False,
         help="--index of a sparcode run only: code ids each user token reads, its P nearest (default: the "
-        "artifact's). Trades QPS for recall without rebuilding the index.",
+        "artifact's). Trades QPS for recall without rebuilding the index (codes the index lacks are scored "
+        "on the fly, inside the timings).",
     ),
     mirror: str = typer.Option(None, "--mirror", envvar="SPARCODE_MIRROR", help="Mirror for raw data."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress display."),

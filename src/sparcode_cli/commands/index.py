@@ -27,7 +27,8 @@ def index(
         "--probes",
         show_default=False,
         help="sparcode: code ids each user token reads at serving, its P nearest (default: the run's "
-        "model.probes). More rows per user: higher recall, lower QPS; the index itself is the same.",
+        "model.probes). More rows per user: higher recall, lower QPS. The rows are the same; with --codes "
+        "reached, the codes that users reach at P are built.",
     ),
     scores: str = typer.Option(
         None,

@@ -157,8 +157,9 @@ class ProductQuantizer(nn.Module):
         """(..., D) tokens -> (..., p) code ids, nearest first (squared L2 to the decoded ẑ): the multi-probe
         codes of serving. A beam of width p over the codebooks, p x N candidates per stage: for the product
         quantizer the exact p nearest tuples (chunk distances add up and are independent); for the residual
-        one the beam keeps the p best partial sums. p = 1 is `encode` (the greedy assignment) bit for bit.
-        Pure: changes nothing."""
+        one the beam keeps the p best partial sums, and the greedy code (`encode`, the one the token trained
+        on) takes the last place when the beam missed it, so p > 1 always reads the code of p = 1. p = 1 is
+        `encode` bit for bit. Pure: changes nothing."""
         if p == 1:
             return self.encode(z).unsqueeze(-1)
         flat = z.detach().reshape(-1, self.dim)
@@ -175,12 +176,18 @@ class ProductQuantizer(nn.Module):
             else:  # the chunks' errors so far plus this chunk's
                 x = chunks[m]
                 d2 = cost.unsqueeze(-1) + ((x * x).sum(-1, keepdim=True) + sq - 2.0 * x @ cb.T).unsqueeze(1)
-            top = d2.reshape(t, -1).topk(min(p, d2.shape[1] * self.N), dim=1, largest=False)
+            top = d2.reshape(t, d2.shape[1] * self.N).topk(min(p, d2.shape[1] * self.N), dim=1, largest=False)
             entry, word = top.indices // self.N, top.indices % self.N
             ids, cost = ids.gather(1, entry) * self.N + word, top.values
             if self.residual:
                 res = res.gather(1, entry.unsqueeze(-1).expand(-1, -1, self.dim)) - cb[word]
-        return ids.reshape(*z.shape[:-1], -1)
+        if (
+            self.residual
+        ):  # the beam can push the greedy tuple out at a later stage: keep it (the farthest place)
+            greedy = self.encode(flat)
+            missed = ~(ids == greedy.unsqueeze(1)).any(1)
+            ids[missed, -1] = greedy[missed]
+        return ids.reshape(*z.shape[:-1], ids.shape[1])
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z (..., D) -> (ẑ with straight-through gradient, code ids (...), commitment loss).

@@ -1,10 +1,12 @@
-"""SparCode (Su et al., SIGIR 2023): a user's score for item i is a sum of K_u rows of one fixed code x item
-table, so it is retrievable from a sparse code -> item index (DESIGN §2 steps 1-5).
+"""SparCode (Su et al., SIGIR 2023): a user's score for item i is a sum of K_u rows (K_u x P with multi-probe
+serving, below) of one fixed code x item table, so it is retrievable from a sparse code -> item index (DESIGN §2
+steps 1-5).
 
     E_q(q) -> K_u linear heads -> z_1..z_{K_u} in R^D -> quantizer -> ẑ_k (a code id each)
     E_i(i) -> K_i linear heads -> t_1..t_{K_i}  in R^D
     g(ẑ, t(i)) = sum_j <ẑ, t_j>/tau + h(ẑ, t(i))           (models/interaction.py, shared with all-to-all)
     score(u, i) = sum_k ReLU(g~(ẑ_k, i) - theta_{ẑ_k} + b)       (g~: g standardised over items, below)
+                  served: the sum also runs over each token's P nearest codes (`probes`, below)
 
 Quantizer (models/quantizer.py): `quantizer = "residual"` (M stages over the whole token, ẑ the sum) or
 "product" (M chunks of D/M); M codebooks of `n_codewords` N give N^M code ids. Codebooks follow EMAs of
@@ -42,8 +44,8 @@ table. `score_codes` computes its rows (what `sparcode index` stores); `score_al
 in ascending code-id order (count x row for a repeated code), as the index's serving kernel does
 (retrieval/sparse_index.py), so the index gives exact model scores bit for bit. Multi-probe (`probes`
 P, serving only, as IVF's nprobe): each token reads the rows of its P nearest codes (a beam over the
-codebooks, `ProductQuantizer.nearest`; P = 1 is the code trained on), K_u x P rows per user. The rows
-are the same; validation, the index and exact scoring all use P. A score of exactly 0 means "not retrieved".
+codebooks, `ProductQuantizer.nearest`; it always includes the code trained on, which is P = 1), K_u x P
+code ids per user. The rows are the same; validation, the index and exact scoring all use P. A score of exactly 0 means "not retrieved".
 
 Why the model has this form (the alternatives and their measurements): experiments/results/
 sparcode-design-history.md.
@@ -262,8 +264,7 @@ class SparCode(TokenCross):
     def codes(self, q: QueryBatch) -> Tensor:
         """(B, K_u x probes) int64 code ids in [0, N^M): each query token's `probes` nearest codes, nearest
         first (probes 1: the quantizer's own assignment, the code trained on). Never changes a codebook."""
-        z = self.user_tokens(q)
-        return self.quantizer.nearest(z, self.probes).reshape(len(z), -1)
+        return self.quantizer.nearest(self.user_tokens(q), self.probes).flatten(1)
 
     @torch.no_grad()
     def score_codes(self, code_ids: Tensor, items: Tensor | None = None) -> Tensor:
@@ -309,7 +310,7 @@ class SparCode(TokenCross):
     @torch.no_grad()
     def score_all(self, q: QueryBatch) -> Tensor:
         """Exact model scores (B, n_items + 1), column 0 = -inf: the sum of the score_codes rows of each user's
-        K_u codes, accumulated in ascending code-id order (count x row for a repeated code), as the sparse
+        K_u x probes codes, accumulated in ascending code-id order (count x row for a repeated code), as the sparse
         index's serving kernel does, so the index reproduces these numbers exactly."""
         codes = self.codes(q)  # (B, K_u x probes)
         uniq, inv = torch.unique(codes, return_inverse=True)  # uniq sorted
