@@ -2,7 +2,8 @@
 dataset's two-tower runs: the ablation table of experiments/results/movielens-100k-distill.md.
 
 For each two-tower run (`dnn` by default) found in --runs, trains SparCode from it with the target matrix's
-budget (400 steps, `train.epochs=1000`, the two-tower's seed) and `model.distill=w` for each weight, into
+budget (400 steps, `train.epochs=1000`, the two-tower's seed, one code per token: `model.probes=1`, as when the
+table was made) and `model.distill=w` for each weight, into
 --out (a new or empty folder: `sparcode train` stops on a run that already exists there), then prints per seed and as a mean over
 seeds: validation Recall@20 (the selection metric) and its best epoch, test Recall@20 / @50, and a paired
 bootstrap over test users (3 seeds together) against weight 0 and against the two-tower.
@@ -43,7 +44,8 @@ def two_tower_runs(runs: Path, dataset: str, encoder: str) -> dict[int, Path]:
 def train(tt: Path, seed: int, dataset: str, weight: float, out: Path) -> Path:
     cmd = [SPARCODE, "train", "--dataset", dataset, "--model", "sparcode", "--init-from", str(tt), "--out", str(out),
            "--set", f"train.seed={seed}", "--set", "train.epochs=1000", "--set", "train.max_steps=400",
-           "--set", "train.threads=1", "--set", f"model.distill={weight}", "--no-progress"]  # fmt: skip
+           "--set", "train.threads=1", "--set", f"model.distill={weight}",
+           "--set", "model.probes=1", "--no-progress"]  # fmt: skip  (the table predates model.probes)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:

@@ -30,7 +30,8 @@ def main(processed: str, two_tower_run: str) -> None:
     q = query_batch(last_items(ds.train, users, 50), ds.features.user_feats[users])
     for kind in ("product", "residual"):
         torch.manual_seed(0)
-        cfg = load_config("sparcode", overrides=[f"model.quantizer={kind}"])
+        # one code per token: the warm start as trained (waterfall step 3), not as served with probes
+        cfg = load_config("sparcode", overrides=[f"model.quantizer={kind}", "model.probes=1"])
         m = build_model("sparcode", cfg["model"], DataContext.from_dataset(ds))
         attach_features(m, ds.features)
         m.init_from_run(ckpt, q)  # k-means of all training users' tokens

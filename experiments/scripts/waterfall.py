@@ -28,8 +28,8 @@ The warm start is rebuilt as the trainer builds it (seeded with the SparCode run
 two-tower checkpoint through `init_from_run`, so the token heads are the run's initial ones), except that the
 codebooks come from k-means of every training user's tokens (the trainer uses its first batch).
 
-Candidate recall (steps 3 and 4, which retrieve from a cut index): per test user the fraction of its target
-items with a positive score, i.e. in the union over its K_u code rows of the items kept by the cut (query
+Candidate recall (steps 3, 4 and 4p, which retrieve from a cut index): per test user the fraction of its target
+items with a positive score, i.e. in the union over its K_u code rows (K_u x P at 4p) of the items kept by the cut (query
 items masked, as for Recall), averaged over users like Recall. "set" is the mean size of that retrievable set
 as a percentage of the catalogue.
 
@@ -544,7 +544,7 @@ def write_report(
     lines += [
         "",
         "Columns per encoder/seed: test Recall@20, Recall@50, candidate recall (steps with a cut: the mean over "
-        "test users of the fraction of their targets in the union of their K_u code rows after the cut, i.e. "
+        "test users of the fraction of their targets in the union of their K_u code rows (K_u × P at 4p) after the cut, i.e. "
         "with a positive score, query items masked; an upper bound on Recall at any K) and `set` (the mean "
         "size of that retrievable set, % of the catalogue).",
         "",
