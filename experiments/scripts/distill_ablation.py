@@ -42,31 +42,11 @@ def two_tower_runs(runs: Path, dataset: str, encoder: str) -> dict[int, Path]:
 
 
 def train(tt: Path, seed: int, dataset: str, weight: float, out: Path) -> Path:
-    cmd = [
-        SPARCODE,
-        "train",
-        "--dataset",
-        dataset,
-        "--model",
-        "sparcode",
-        "--init-from",
-        str(tt),
-        "--out",
-        str(out),
-        "--set",
-        f"train.seed={seed}",
-        "--set",
-        "train.epochs=1000",
-        "--set",
-        "train.max_steps=400",
-        "--set",
-        "train.threads=1",
-        "--set",
-        f"model.distill={weight}",
-        "--set",
-        "model.probes=1",
-        "--no-progress",
-    ]  # fmt: skip  (the table predates model.probes)
+    # model.probes=1: the committed table predates multi-probe serving
+    cmd = [SPARCODE, "train", "--dataset", dataset, "--model", "sparcode", "--init-from", str(tt), "--out", str(out),
+           "--set", f"train.seed={seed}", "--set", "train.epochs=1000", "--set", "train.max_steps=400",
+           "--set", "train.threads=1", "--set", f"model.distill={weight}", "--set", "model.probes=1",
+           "--no-progress"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
