@@ -301,7 +301,10 @@ def test_report_writer_on_fake_results(tmp_path: Path) -> None:
     for s in (0, 1, 2):
         cells.append(_fake_cell(tmp_path, "two-tower", "flat", s, base))
         cells.append(_fake_cell(tmp_path, "two-tower", "hnsw", s, base))
-        cells.append(_fake_cell(tmp_path, "sparcode", "sparse", s, np.clip(base + 0.05, 0, 1)))
+        sparse_metrics = {"probes": 4, "qps_batch_1t": 3000.0 + s}
+        cells.append(
+            _fake_cell(tmp_path, "sparcode", "sparse", s, np.clip(base + 0.05, 0, 1), metrics=sparse_metrics)
+        )
         cells.append(_fake_cell(tmp_path, "all-to-all", "exact", s, np.clip(base + 0.1, 0, 1)))
     for f, d in ((1.0, 0.05), (0.5, 0.025), (0.25, 0.0125)):
         cells.append(
@@ -347,7 +350,10 @@ def test_report_writer_on_fake_results(tmp_path: Path) -> None:
     }
     md = report.write_report("fake", cells, plan, info, tmp_path / "results")
     text = md.read_text()
-    assert "## Main table" in text and "| sparcode (mlp) | dnn | sparse code index | 3 |" in text
+    assert "## Main table" in text and "| sparcode (mlp) | dnn | sparse code index, 4 probes | 3 |" in text
+    # the speed claim pairs each sparse index with Faiss flat over the same encoder's two-tower
+    assert "Faiss flat search (DESIGN §7) (sparcode (mlp), dnn) | **agrees** |" in text
+    assert "sparse 3,001 vs flat 1,001 (3.00x)" in text
     assert "±" in text and "QPS 2 thr" in text
     assert "sparcode (mlp) − two-tower" in text and "sparcode (mlp) better" in text
     assert "## Sparsity sweep" in text and "1 (trained)" in text
