@@ -1,5 +1,5 @@
 """SparCode with one config key changed, one value at a time, on every seed of a dataset's two-tower runs: the
-3-seed ablation tables of experiments/results/ (movielens-100k-distill.md, head-noise-probes.md).
+3-seed ablation tables of experiments/results/ (movielens-100k-distill.md, movielens-100k-after-probes.md).
 
 For each two-tower run of --encoder found in --runs (the target matrix's budget: 1000 steps), trains SparCode
 from it with the target matrix's budget (400 steps, `train.epochs=1000`, the two-tower's seed) and
@@ -10,7 +10,7 @@ selection metric) and Recall@50, the best epoch per seed, test Recall@20 / @50, 
 users (3 seeds together) against the first value and against the two-tower; then each seed's numbers.
 
     SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/sparcode_ablation.py \
-        --runs <the target matrix's runs> --dataset movielens-100k --encoder dnn --out <folder> \
+        --runs <the target matrix's runs> --dataset movielens-100k --encoder dnn --seeds 0,1,2 --out <folder> \
         --key model.distill --values 0,3,10,30 --set model.probes=1
 """
 

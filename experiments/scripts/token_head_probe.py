@@ -1,14 +1,15 @@
 """SparCode's untrained warm start served as the model serves it (`model.probes` codes per token), over a grid
-of token-head noise, codebook size and K_u x P: the screen of experiments/results/head-noise-probes.md.
+of token-head noise, codebook size and K_u x P: the screen of experiments/results/movielens-100k-after-probes.md.
 
-For every SparCode run of --encoder in --runs (each with its two-tower run as `init_from`), the warm start is
-rebuilt as its trainer builds it (waterfall.warm_start: the run's seed and model config, k-means codebooks of
-every training user's tokens, rows cut at the target density) with the grid's model keys replaced, and ranked on
-validation and test (full ranking, query items masked). Nothing is trained: the screen only says which settings
-are worth training (sparcode_ablation.py); choose on validation.
+For every two-tower run of --encoder in --runs and the default SparCode run started from it (the target
+matrix's, found by its run id), the warm start is rebuilt as its trainer builds it (waterfall.warm_start: the
+run's seed and model config, k-means codebooks of every training user's tokens, rows cut at the target density)
+with the grid's model keys replaced, and ranked on validation and test (full ranking, query items masked).
+Nothing is trained: the screen only says which settings are worth training (sparcode_ablation.py); choose on
+validation.
 
     OMP_NUM_THREADS=1 SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/token_head_probe.py \\
-        --runs <the target matrix's runs> --encoder sasrec
+        --runs <the target matrix's runs> --encoder sasrec --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import waterfall as W  # noqa: E402
 from quantizer_probe import run_of  # noqa: E402
+from sparcode_ablation import expected_id, overrides, two_tower_runs  # noqa: E402
 
 from sparcode_cli.metrics import evaluate  # noqa: E402
 
@@ -52,17 +54,15 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, required=True)
     ap.add_argument("--dataset", default="movielens-100k")
     ap.add_argument("--encoder", default="dnn")
+    ap.add_argument("--seeds", help="comma-separated subset of the two-tower runs' seeds (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    tts = two_tower_runs(a.runs, a.dataset, a.encoder)
+    seeds = sorted(tts) if a.seeds is None else [int(x) for x in a.seeds.split(",")]
     pairs = []
-    for sp_path in sorted(a.runs.glob(f"sparcode-{a.dataset}-*")):
-        sp = run_of(sp_path)
-        if sp.model_cfg("query_encoder") == a.encoder and sp.config["train"].get("max_steps") == 400:
-            tt = run_of(a.runs / Path(str(sp.meta["init_from"])).name)
-            pairs.append((int(sp.meta["seed"]), tt, sp))
-    pairs.sort(key=lambda p: p[0])
-    if not pairs:
-        raise SystemExit(f"no {a.encoder} SparCode run of {a.dataset} (400 steps) in {a.runs}")
+    for seed in seeds:  # the default SparCode run of each seed (the target matrix's), found by its run id
+        rid = expected_id(tts[seed], overrides(seed, a.encoder, "model.probes", "4", []), a.dataset)
+        pairs.append((seed, run_of(tts[seed]), run_of(a.runs / rid)))
     cells: dict[str, list[list[float]]] = {}
     for seed, tt, sp in pairs:
         ds, _ = W.load_data(str(tt.meta["data_hash"]), 0, 0)

@@ -11,7 +11,7 @@ gets a `TRAIN_PROBES` marker file, and only a marked, finished run is reused). T
 trained on one code) and with the two-tower, as sparcode_ablation.py does.
 
     SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/train_probes_probe.py \\
-        --runs <the target matrix's runs> --encoder dnn --out <new folder> --train-probes 4
+        --runs <the target matrix's runs> --encoder dnn --seeds 0,1,2 --out <new folder> --train-probes 4
 """
 
 from __future__ import annotations
