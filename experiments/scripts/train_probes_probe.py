@@ -5,10 +5,11 @@ With `--train-probes P`, each user token's P nearest codes (`ProductQuantizer.ne
 enter the training loss: K_u x P rows per user, each with the straight-through gradient z + sg(ẑ_p - z), cut and
 summed exactly as serving sums them. The codebooks still learn (EMA, commitment) from the greedy code only.
 Everything else is `SparCode.train_output` unchanged. For each two-tower run of --encoder in --runs, SparCode is
-trained from it with the target matrix's budget (400 steps, `train.epochs=1000`, its seed) into --out, a new
-folder of its own (the runs' ids are the default config's, so they must not mix with unpatched runs: each
-gets a `TRAIN_PROBES` marker file, and only a marked, finished run is reused). The table compares them with the same-seed SparCode runs of --runs (the default,
-trained on one code) and with the two-tower, as sparcode_ablation.py does.
+trained from it with the target matrix's budget (400 steps, `train.epochs=1000`, its seed) into --out, a
+folder of its own: the runs' ids (and the code digest in their meta.json) are the default config's, so they must
+not mix with unpatched runs. Each gets a `TRAIN_PROBES` marker file, and only a marked, finished run is reused.
+The table compares them with the same-seed SparCode runs of --runs (the default, trained on one code) and with
+the two-tower, as sparcode_ablation.py does.
 
     SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/train_probes_probe.py \\
         --runs <the target matrix's runs> --encoder dnn --seeds 0,1,2 --out <new folder> --train-probes 4
