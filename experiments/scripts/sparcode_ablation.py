@@ -7,10 +7,10 @@ from it with the target matrix's budget (400 steps, `train.epochs=1000`, the two
 this code (same run id, same code digest) in --out or in --runs is reused, not retrained, so the reference value
 can be the target matrix's own SparCode run. Prints per value a mean over seeds: validation Recall@20 (the
 selection metric) and Recall@50, the best epoch per seed, test Recall@20 / @50, and a paired bootstrap over test
-users (3 seeds together) against the first value and against the two-tower; then each seed's numbers.
+users (the chosen seeds together) against the first value and against the two-tower; then each seed's numbers.
 
-    SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/sparcode_ablation.py \
-        --runs <the target matrix's runs> --dataset movielens-100k --encoder dnn --seeds 0,1,2 --out <folder> \
+    SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/sparcode_ablation.py \\
+        --runs <the target matrix's runs> --dataset movielens-100k --encoder dnn --seeds 0,1,2 --out <folder> \\
         --key model.distill --values 0,3,10,30 --set model.probes=1
 """
 
@@ -42,8 +42,22 @@ def two_tower_runs(runs: Path, dataset: str, encoder: str) -> dict[int, Path]:
         meta = json.loads(meta_path.read_text())
         cfg = tomllib.loads((meta_path.parent / "config.toml").read_text())
         if cfg["model"].get("query_encoder") == encoder and cfg["train"].get("max_steps") == 1000:
-            out[int(meta["seed"])] = meta_path.parent
+            seed = int(meta["seed"])
+            if seed in out:
+                raise SystemExit(
+                    f"two {encoder} two-tower runs of seed {seed} in {runs}: {out[seed].name}, "
+                    f"{meta_path.parent.name}; give a runs folder with the target matrix's runs only"
+                )
+            out[seed] = meta_path.parent
     return out
+
+
+def chosen_seeds(tts: dict[int, Path], seeds: str | None, runs: Path, encoder: str) -> list[int]:
+    """--seeds (comma-separated) or every seed found; each must have a two-tower run."""
+    chosen = sorted(tts) if seeds is None else [int(s) for s in seeds.split(",")]
+    if not chosen or (missing := [s for s in chosen if s not in tts]):
+        raise SystemExit(f"no {encoder} two-tower run of seed(s) {missing if chosen else 'any'} in {runs}")
+    return chosen
 
 
 def overrides(seed: int, encoder: str, key: str, value: str, extra: list[str]) -> list[str]:
@@ -114,9 +128,7 @@ def main() -> None:
     if not tts:
         raise SystemExit(f"no {a.encoder} two-tower run of {a.dataset} in {a.runs}")
     values = a.values.split(",")
-    seeds = sorted(tts) if a.seeds is None else [int(s) for s in a.seeds.split(",")]
-    if missing := [s for s in seeds if s not in tts]:
-        raise SystemExit(f"no {a.encoder} two-tower run of seed(s) {missing} in {a.runs}")
+    seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = {(v, s): overrides(s, a.encoder, a.key, v, a.set) for v in values for s in seeds}
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -134,7 +146,7 @@ def main() -> None:
 
     def ms(rows: list[dict[str, float]], key: str) -> str:
         v = [r[key] for r in rows]
-        return f"{np.mean(v):.4f} ± {np.std(v):.4f}"
+        return f"{np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:.4f}"
 
     for v in values:
         rows = [best(r) for r in runs[v]]

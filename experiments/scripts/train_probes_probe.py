@@ -31,10 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparcode_ablation import BUDGET, best, compare, expected_id, overrides, two_tower_runs  # noqa: E402
+from sparcode_ablation import (  # noqa: E402
+    BUDGET,
+    best,
+    chosen_seeds,
+    compare,
+    expected_id,
+    overrides,
+    two_tower_runs,
+)
 
 from sparcode_cli.models.base import QueryBatch, TrainOutput  # noqa: E402
 from sparcode_cli.models.sparcode import SparCode, leaky_cut  # noqa: E402
+from sparcode_cli.training.trainer import run_state  # noqa: E402
 
 
 def train_output(self: SparCode, q: QueryBatch, pos: Tensor, neg: Tensor) -> TrainOutput:
@@ -45,10 +54,12 @@ def train_output(self: SparCode, q: QueryBatch, pos: Tensor, neg: Tensor) -> Tra
     if int(self.n_steps) < self.quantize_after:
         zq, commit, k = z, z.new_zeros(()), self.k_u
     else:
+        # the probes' vectors from the codebooks as they are before this batch's EMA update and restarts, as
+        # the greedy code's own ẑ is inside the quantizer's forward
+        vec = self.quantizer.decode(self.quantizer.nearest(z, p)) if p > 1 else None  # (B, K_u, P, D)
         zq, _, commit = self.quantizer(z)  # codebook learning from the greedy code, as before
         k = self.k_u
-        if p > 1:
-            vec = self.quantizer.decode(self.quantizer.nearest(z, p))  # (B, K_u, P, D)
+        if vec is not None:
             zq = (z.unsqueeze(2) + (vec - z.unsqueeze(2)).detach()).reshape(b_size, -1, self.token_dim)
             k = self.k_u * p
     c = self.interaction.code_side(zq.reshape(-1, self.token_dim))
@@ -82,8 +93,8 @@ def train_output(self: SparCode, q: QueryBatch, pos: Tensor, neg: Tensor) -> Tra
 def train_one(tt: Path, sets: list[str], dataset: str, out: Path, p: int) -> Path:
     rid = expected_id(tt, sets, dataset)
     marker = out / rid / "TRAIN_PROBES"
-    if marker.is_file() and marker.read_text().strip() == str(p) and (out / rid / "results.json").is_file():
-        return out / rid  # this script's finished run, at this P
+    if marker.is_file() and marker.read_text().strip() == str(p) and run_state(out / rid) == "finished":
+        return out / rid  # this script's finished run, at this P, by this code
     if (out / rid).exists():
         raise SystemExit(
             f"{out / rid} exists and is not this script's finished run at P = {p}: use a new --out"
@@ -115,13 +126,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args()
     tts = two_tower_runs(a.runs, a.dataset, a.encoder)
-    seeds = sorted(tts) if a.seeds is None else [int(s) for s in a.seeds.split(",")]
+    seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
     a.out.mkdir(parents=True, exist_ok=True)
     sets = {s: overrides(s, a.encoder, "model.probes", "4", []) for s in seeds}
     with ThreadPoolExecutor(a.jobs) as pool:
         fut = {s: pool.submit(train_one, tts[s], sets[s], a.dataset, a.out, a.train_probes) for s in seeds}
         new = [fut[s].result() for s in seeds]
     ref = [a.runs / expected_id(tts[s], sets[s], a.dataset) for s in seeds]
+    if stale := [r.name for r in ref if run_state(r) != "finished"]:
+        raise SystemExit(f"no finished default SparCode run of this code in {a.runs}: {', '.join(stale)}")
     print(f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(BUDGET)} model.probes=4\n")
     print("| training reads | best epoch per seed | valid R@20 | valid R@50 | test R@20 | test R@50 | "
           "vs 1 code: ΔR@20 / ΔR@50 | vs two-tower: ΔR@20 / ΔR@50 |")  # fmt: skip
