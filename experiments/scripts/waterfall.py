@@ -37,7 +37,7 @@ On datasets with `[reproduce-full.eval_users]` in experiments/reproduce.toml (Go
 the same fixed seeded test-user sample as the reproduce-full matrix (`reproduce.jobs.load`).
 
     OMP_NUM_THREADS=1 SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/waterfall.py \
-        --runs <runs folder> [--runs <another>] --out experiments/results/waterfall.md
+        --runs <runs folder> [--runs <another>] [--seeds 0,1,2] --out experiments/results/waterfall.md
 """
 
 from __future__ import annotations
@@ -628,6 +628,7 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, action="append", required=True, help="a runs folder (repeatable)")
     ap.add_argument("--out", type=Path, required=True, help="the .md report (the .png goes next to it)")
+    ap.add_argument("--seeds", help="comma-separated seeds to keep (default: every seed found)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -641,6 +642,9 @@ def main(argv: list[str]) -> None:
     sample_seed = int(spec["settings"]["sample_seed"])
     runs, notes = read_runs(args.runs)
     triples = group_runs(runs, notes)
+    if args.seeds:
+        keep = {int(x) for x in args.seeds.split(",")}
+        triples = [t for t in triples if t.seed in keep]
     infos: dict[str, DatasetInfo] = {}
     datasets: dict[str, Dataset] = {}
     checks: list[Check] = []
