@@ -20,28 +20,17 @@ sparcode_ablation.py does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparcode_ablation import (  # noqa: E402
-    BUDGET,
-    best,
-    chosen_seeds,
-    compare,
-    expected_id,
-    overrides,
-    two_tower_runs,
-)
+from patched_training import parser, report, train_all, worker  # noqa: E402
+from sparcode_ablation import BUDGET  # noqa: E402
 
 from sparcode_cli.models import load_checkpoint, model_from_checkpoint  # noqa: E402
 from sparcode_cli.models.base import QueryBatch  # noqa: E402
@@ -85,38 +74,10 @@ def all_to_all_of(runs: Path, tt: Path) -> Path:
     return found[0]
 
 
-def train_one(tt: Path, a2a: Path, sets: list[str], dataset: str, out: Path, scale: str) -> Path:
-    rid = expected_id(tt, sets, dataset)
-    marker = out / rid / "A2A_TEACHER"
-    tag = f"{a2a.name} {scale}"
-    if marker.is_file() and marker.read_text().strip() == tag and run_state(out / rid) == "finished":
-        return out / rid  # this script's finished run with this teacher
-    if (out / rid).exists():
-        raise SystemExit(f"{out / rid} exists and is not this script's finished run: use a new --out")
-    cmd = [sys.executable, __file__, "--one", "--", "train", "--dataset", dataset, "--model", "sparcode",
-           "--init-from", str(tt), "--out", str(out), *(a for s in sets for a in ("--set", s)), "--no-progress"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", A2A_TEACHER=str(a2a), A2A_SCALE=scale)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0 or not (out / rid / "results.json").is_file():
-        raise SystemExit(f"failed (rc {r.returncode}, run {rid}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    marker.write_text(f"{tag}\n")
-    return out / rid
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":  # a worker: `sparcode ...` with the patch
-        from sparcode_cli.commands.app import main as cli
-
-        SparCode.teacher_logits = teacher_logits  # type: ignore[method-assign]
-        cli(sys.argv[3:])
+    if worker(lambda: setattr(SparCode, "teacher_logits", teacher_logits)):
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True, type=Path)
-    ap.add_argument("--dataset", default="movielens-100k")
-    ap.add_argument("--encoder", default="dnn")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--seeds", help="comma-separated subset of the seeds (default: all)")
-    ap.add_argument("--jobs", type=int, default=2)
+    ap = parser(__doc__)
     ap.add_argument(
         "--scale",
         choices=("two-tower", "raw"),
@@ -124,45 +85,23 @@ def main() -> None:
         help="the teacher's logits rescaled per row to the two-tower teacher's std, or as the all-to-all has them",
     )
     a = ap.parse_args()
-    tts = two_tower_runs(a.runs, a.dataset, a.encoder)
-    seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
-    a.out.mkdir(parents=True, exist_ok=True)
-    sets = {s: overrides(s, a.encoder, "model.probes", "4", []) for s in seeds}
-    a2as = {s: all_to_all_of(a.runs, tts[s]) for s in seeds}
-    with ThreadPoolExecutor(a.jobs) as pool:
-        fut = {s: pool.submit(train_one, tts[s], a2as[s], sets[s], a.dataset, a.out, a.scale) for s in seeds}
-        new = [fut[s].result() for s in seeds]
-    ref = [a.runs / expected_id(tts[s], sets[s], a.dataset) for s in seeds]
-    if stale := [r.name for r in ref if run_state(r) != "finished"]:
-        raise SystemExit(f"no finished default SparCode run of this code in {a.runs}: {', '.join(stale)}")
+    a2as: dict[int, Path] = {}
+
+    def tag_env(seed: int, tt: Path) -> tuple[str, dict[str, str]]:
+        a2as[seed] = all_to_all_of(a.runs, tt)
+        return f"{a2as[seed].name} {a.scale}", {"A2A_TEACHER": str(a2as[seed]), "A2A_SCALE": a.scale}
+
+    tts, seeds, new, ref = train_all(__file__, a, "A2A_TEACHER", tag_env)
+    teachers = [a2as[s] for s in seeds]
     print(f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(BUDGET)}; teachers: "
-          + ", ".join(a2as[s].name for s in seeds) + "\n")  # fmt: skip
-    print("| teacher | best epoch per seed | valid R@20 | valid R@50 | test R@20 | test R@50 | "
-          "vs two-tower teacher: ΔR@20 / ΔR@50 | vs two-tower: ΔR@20 / ΔR@50 | vs all-to-all: ΔR@20 / ΔR@50 |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---|---|---|")
-    for label, runs in (("two-tower (default)", ref), (f"all-to-all ({a.scale} scale)", new)):
-        rows = [best(r) for r in runs]
-        ms = {
-            k: f"{np.mean([r[k] for r in rows]):.4f}" for k in ("valid", "valid50", "recall@20", "recall@50")
-        }
-        vs = "–" if runs is ref else " / ".join(compare(runs, ref, m) for m in ("recall@20", "recall@50"))
-        vt = " / ".join(compare(runs, [tts[s] for s in seeds], m) for m in ("recall@20", "recall@50"))
-        va = " / ".join(compare(runs, [a2as[s] for s in seeds], m) for m in ("recall@20", "recall@50"))
-        ep = ", ".join(str(int(r["epoch"])) for r in rows)
-        print(
-            f"| {label} | {ep} | {ms['valid']} | {ms['valid50']} | {ms['recall@20']} | {ms['recall@50']} | {vs} | {vt} | {va} |"
-        )
-    print("\nPer seed (valid R@20 / valid R@50 / test R@20 / test R@50):")
-    for label, runs in (
-        ("two-tower teacher", ref),
-        ("all-to-all teacher", new),
-        ("all-to-all itself", [a2as[s] for s in seeds]),
-    ):
-        cells = [
-            " / ".join(f"{best(r)[k]:.4f}" for k in ("valid", "valid50", "recall@20", "recall@50"))
-            for r in runs
-        ]
-        print(f"- {label}: " + "; ".join(f"seed {s}: {c}" for s, c in zip(seeds, cells, strict=True)))
+          + ", ".join(t.name for t in teachers) + "\n")  # fmt: skip
+    report(
+        "teacher",
+        [("two-tower teacher (default)", ref), (f"all-to-all teacher ({a.scale} scale)", new)],
+        [("two-tower", [tts[s] for s in seeds]), ("all-to-all", teachers)],
+        seeds,
+        also=[("all-to-all itself", teachers)],
+    )
 
 
 if __name__ == "__main__":

@@ -17,33 +17,21 @@ the two-tower, as sparcode_ablation.py does.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparcode_ablation import (  # noqa: E402
-    BUDGET,
-    best,
-    chosen_seeds,
-    compare,
-    expected_id,
-    overrides,
-    two_tower_runs,
-)
+from patched_training import parser, report, train_all, worker  # noqa: E402
+from sparcode_ablation import BUDGET  # noqa: E402
 
 from sparcode_cli.models.base import QueryBatch, TrainOutput  # noqa: E402
 from sparcode_cli.models.sparcode import SparCode, leaky_cut  # noqa: E402
-from sparcode_cli.training.trainer import run_state  # noqa: E402
 
 
 def train_output(self: SparCode, q: QueryBatch, pos: Tensor, neg: Tensor) -> TrainOutput:
@@ -90,73 +78,21 @@ def train_output(self: SparCode, q: QueryBatch, pos: Tensor, neg: Tensor) -> Tra
     return TrainOutput(pos_logits, neg_logits, aux)
 
 
-def train_one(tt: Path, sets: list[str], dataset: str, out: Path, p: int) -> Path:
-    rid = expected_id(tt, sets, dataset)
-    marker = out / rid / "TRAIN_PROBES"
-    if marker.is_file() and marker.read_text().strip() == str(p) and run_state(out / rid) == "finished":
-        return out / rid  # this script's finished run, at this P, by this code
-    if (out / rid).exists():
-        raise SystemExit(
-            f"{out / rid} exists and is not this script's finished run at P = {p}: use a new --out"
-        )
-    cmd = [sys.executable, __file__, "--one", "--", "train", "--dataset", dataset, "--model", "sparcode",
-           "--init-from", str(tt), "--out", str(out), *(a for s in sets for a in ("--set", s)), "--no-progress"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRAIN_PROBES=str(p))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0 or not (out / rid / "results.json").is_file():
-        raise SystemExit(f"failed (rc {r.returncode}, run {rid}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    (out / rid / "TRAIN_PROBES").write_text(f"{p}\n")
-    return out / rid
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":  # a worker: `sparcode ...` with the patch
-        from sparcode_cli.commands.app import main as cli
-
-        SparCode.train_output = train_output  # type: ignore[method-assign]
-        cli(sys.argv[3:])
+    if worker(lambda: setattr(SparCode, "train_output", train_output)):
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True, type=Path)
-    ap.add_argument("--dataset", default="movielens-100k")
-    ap.add_argument("--encoder", default="dnn")
-    ap.add_argument("--out", required=True, type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--train-probes", type=int, default=4)
-    ap.add_argument("--seeds", help="comma-separated subset of the seeds (default: all)")
-    ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args()
-    tts = two_tower_runs(a.runs, a.dataset, a.encoder)
-    seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
-    a.out.mkdir(parents=True, exist_ok=True)
-    sets = {s: overrides(s, a.encoder, "model.probes", "4", []) for s in seeds}
-    with ThreadPoolExecutor(a.jobs) as pool:
-        fut = {s: pool.submit(train_one, tts[s], sets[s], a.dataset, a.out, a.train_probes) for s in seeds}
-        new = [fut[s].result() for s in seeds]
-    ref = [a.runs / expected_id(tts[s], sets[s], a.dataset) for s in seeds]
-    if stale := [r.name for r in ref if run_state(r) != "finished"]:
-        raise SystemExit(f"no finished default SparCode run of this code in {a.runs}: {', '.join(stale)}")
+    p = str(a.train_probes)
+    tts, seeds, new, ref = train_all(__file__, a, "TRAIN_PROBES", lambda s, tt: (p, {"TRAIN_PROBES": p}))
     print(f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(BUDGET)} model.probes=4\n")
-    print("| training reads | best epoch per seed | valid R@20 | valid R@50 | test R@20 | test R@50 | "
-          "vs 1 code: ΔR@20 / ΔR@50 | vs two-tower: ΔR@20 / ΔR@50 |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---|---|")
-    for label, runs in (("1 code per token (default)", ref), (f"{a.train_probes} codes per token", new)):
-        rows = [best(r) for r in runs]
-        ms = {
-            k: f"{np.mean([r[k] for r in rows]):.4f}" for k in ("valid", "valid50", "recall@20", "recall@50")
-        }
-        vs = "–" if runs is ref else " / ".join(compare(runs, ref, m) for m in ("recall@20", "recall@50"))
-        vt = " / ".join(compare(runs, [tts[s] for s in seeds], m) for m in ("recall@20", "recall@50"))
-        ep = ", ".join(str(int(r["epoch"])) for r in rows)
-        print(
-            f"| {label} | {ep} | {ms['valid']} | {ms['valid50']} | {ms['recall@20']} | {ms['recall@50']} | {vs} | {vt} |"
-        )
-    print("\nPer seed (valid R@20 / valid R@50 / test R@20 / test R@50):")
-    for label, runs in (("1 code", ref), (f"{a.train_probes} codes", new)):
-        cells = [
-            " / ".join(f"{best(r)[k]:.4f}" for k in ("valid", "valid50", "recall@20", "recall@50"))
-            for r in runs
-        ]
-        print(f"- {label}: " + "; ".join(f"seed {s}: {c}" for s, c in zip(seeds, cells, strict=True)))
+    report(
+        "training reads",
+        [("1 code per token (default)", ref), (f"{a.train_probes} codes per token", new)],
+        [("two-tower", [tts[s] for s in seeds])],
+        seeds,
+    )
 
 
 if __name__ == "__main__":
