@@ -6,7 +6,9 @@ The one change: `SparCode.teacher_logits` returns the logits of the trained all-
 same two-tower run (the target matrix's, same seed, its best checkpoint, frozen, eval mode). With `--scale
 two-tower` (the default) they are rescaled per row to the two-tower teacher's spread (std over the row's positive
 and negatives), so only the teacher's ranking changes, not the sharpness of its softmax; with `--scale raw` they
-are the all-to-all's own (`distill_loss` then rescales the student to them, as before). Everything
+are the all-to-all's own (`distill_loss` then rescales the student to them, as before). `--scale control` loads
+and runs the all-to-all but returns the two-tower's logits: its runs must equal the default runs to the digit,
+which shows that the patch changes nothing but the teacher (the all-to-all is built under a forked RNG). Everything
 else is the package's training. For each two-tower run of --encoder in --runs, SparCode is trained from it with
 the target matrix's budget (400 steps, `train.epochs=1000`, its seed) into --out, a folder of its own: the runs'
 ids (and the code digest in their meta.json) are the default config's, so they must not mix with unpatched runs.
@@ -46,17 +48,19 @@ def teacher_logits(self: SparCode, q: QueryBatch, pos: Tensor, neg: Tensor) -> T
     tt = self.teacher.logits(q, pos, neg)
     dev = pos.device
     if "m" not in _A2A:
-        m = model_from_checkpoint(load_checkpoint(Path(os.environ["A2A_TEACHER"]) / "checkpoint_best.pt"))
-        _A2A["m"] = m.to(dev).eval().requires_grad_(False)
-    a2a = _A2A["m"]
-    was = a2a.training
-    a2a.eval()  # never dropout: a frozen teacher
+        # built under a forked RNG, as the package's teacher is: building a model draws initial weights, and the
+        # student's run must keep its own random stream (probe items, dropout) so that only the teacher differs
+        with torch.random.fork_rng(devices=[]):
+            ckpt = load_checkpoint(Path(os.environ["A2A_TEACHER"]) / "checkpoint_best.pt")
+            _A2A["m"] = model_from_checkpoint(ckpt).to(dev).eval().requires_grad_(False)
+    a2a = _A2A["m"]  # kept in eval mode: no dropout, never trained
     with torch.no_grad():
         out = a2a.train_output(q, pos, neg)
         t = torch.cat([out.pos_logits.unsqueeze(1), out.neg_logits], 1)
-    a2a.train(was)
     if os.environ.get("A2A_SCALE") == "raw":
         return t
+    if os.environ.get("A2A_SCALE") == "control":
+        return tt  # the all-to-all ran and is ignored: must reproduce the default run to the digit
     return (t - t.mean(1, keepdim=True)) * (tt.std(1, keepdim=True) / (t.std(1, keepdim=True) + 1e-6))
 
 
@@ -80,9 +84,10 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument(
         "--scale",
-        choices=("two-tower", "raw"),
+        choices=("two-tower", "raw", "control"),
         default="two-tower",
-        help="the teacher's logits rescaled per row to the two-tower teacher's std, or as the all-to-all has them",
+        help="the teacher's logits rescaled per row to the two-tower teacher's std, or as the all-to-all has them; "
+        "control: the all-to-all runs but the two-tower's logits are returned (must reproduce the default runs)",
     )
     a = ap.parse_args()
     a2as: dict[int, Path] = {}

@@ -2,7 +2,8 @@
 (train_probes_probe.py, a2a_teacher_probe.py): a worker process that runs `sparcode train` with the patch applied,
 runs kept apart by a marker file, and the table against the default runs and the two-tower.
 
-The patched runs have the default config's run ids (and its code digest in meta.json), so they go to a folder of
+Import it after putting this folder on `sys.path` (it imports sparcode_ablation.py). The patched runs have the
+default config's run ids (and its code digest in meta.json), so they go to a folder of
 their own, and only a finished run whose marker matches is reused.
 """
 
