@@ -18,7 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from sparcode_ablation import best, chosen_seeds, compare, expected_id, overrides, two_tower_runs
+from sparcode_ablation import (
+    best,
+    chosen_seeds,
+    compare,
+    default_runs,
+    default_sets,
+    expected_id,
+    two_tower_runs,
+)
 
 from sparcode_cli.training.trainer import run_state
 
@@ -87,7 +95,7 @@ def train_all(
     tts = two_tower_runs(a.runs, a.dataset, a.encoder)
     seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
     a.out.mkdir(parents=True, exist_ok=True)
-    sets = {s: overrides(s, a.encoder, "model.probes", "4", []) for s in seeds}
+    sets = {s: default_sets(s, a.encoder) for s in seeds}
     with ThreadPoolExecutor(a.jobs) as pool:
         fut = {
             s: pool.submit(
@@ -96,10 +104,7 @@ def train_all(
             for s in seeds
         }
         new = [fut[s].result() for s in seeds]
-    ref = [a.runs / expected_id(tts[s], sets[s], a.dataset) for s in seeds]
-    if stale := [r.name for r in ref if run_state(r) != "finished"]:
-        raise SystemExit(f"no finished default SparCode run of this code in {a.runs}: {', '.join(stale)}")
-    return tts, seeds, new, ref
+    return tts, seeds, new, default_runs(a.runs, tts, seeds, a.encoder, a.dataset)
 
 
 def report(

@@ -60,14 +60,29 @@ def chosen_seeds(tts: dict[int, Path], seeds: str | None, runs: Path, encoder: s
     return chosen
 
 
+def default_sets(seed: int, encoder: str) -> list[str]:
+    """The overrides of the target matrix's SparCode run of this seed: its budget, nothing else changed."""
+    return [f"train.seed={seed}", *BUDGET, f"model.query_encoder={encoder}"]
+
+
 def overrides(seed: int, encoder: str, key: str, value: str, extra: list[str]) -> list[str]:
-    return [f"train.seed={seed}", *BUDGET, f"model.query_encoder={encoder}", *extra, f"{key}={value}"]
+    return [*default_sets(seed, encoder), *extra, f"{key}={value}"]
 
 
 def expected_id(tt: Path, sets: list[str], dataset: str) -> str:
     """The run id `sparcode train --init-from tt` gives (training/trainer.py: the warm start is in the id)."""
     meta = json.loads((tt / "meta.json").read_text())
     return run_id(load_config("sparcode", None, sets), dataset, f"{meta['data_hash']}|init={meta['run_id']}")
+
+
+def default_runs(
+    runs: Path, tts: dict[int, Path], seeds: list[int], encoder: str, dataset: str
+) -> list[Path]:
+    """The target matrix's default SparCode run of each seed in `runs`, found by its run id; finished by this code."""
+    found = [runs / expected_id(tts[s], default_sets(s, encoder), dataset) for s in seeds]
+    if stale := [r.name for r in found if run_state(r) != "finished"]:
+        raise SystemExit(f"no finished default SparCode run of this code in {runs}: {', '.join(stale)}")
+    return found
 
 
 def train(tt: Path, sets: list[str], dataset: str, out: Path, reuse: list[Path]) -> Path:

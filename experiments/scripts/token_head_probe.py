@@ -26,10 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import waterfall as W  # noqa: E402
 from quantizer_probe import run_of  # noqa: E402
-from sparcode_ablation import chosen_seeds, expected_id, overrides, two_tower_runs  # noqa: E402
+from sparcode_ablation import chosen_seeds, default_runs, two_tower_runs  # noqa: E402
 
 from sparcode_cli.metrics import evaluate  # noqa: E402
-from sparcode_cli.training.trainer import run_state  # noqa: E402
 
 # (label, model-key overrides over the run's config)
 GRID: list[tuple[str, dict[str, Any]]] = [
@@ -60,12 +59,8 @@ def main() -> None:
     torch.set_num_threads(1)
     tts = two_tower_runs(a.runs, a.dataset, a.encoder)
     seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
-    pairs = []
-    for seed in seeds:  # the default SparCode run of each seed (the target matrix's), found by its run id
-        rid = expected_id(tts[seed], overrides(seed, a.encoder, "model.probes", "4", []), a.dataset)
-        if run_state(a.runs / rid) != "finished":
-            raise SystemExit(f"no finished default SparCode run {rid} (seed {seed}) of this code in {a.runs}")
-        pairs.append((seed, run_of(tts[seed]), run_of(a.runs / rid)))
+    defaults = default_runs(a.runs, tts, seeds, a.encoder, a.dataset)  # the target matrix's, by run id
+    pairs = [(s, run_of(tts[s]), run_of(sp)) for s, sp in zip(seeds, defaults, strict=True)]
     cells: dict[str, list[list[float]]] = {}
     for seed, tt, sp in pairs:
         ds, _ = W.load_data(str(tt.meta["data_hash"]), 0, 0)
