@@ -32,7 +32,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patched_training import parser, report, train_all, worker  # noqa: E402
-from sparcode_ablation import BUDGET  # noqa: E402
+from sparcode_ablation import target_sets  # noqa: E402
 
 from sparcode_cli.models import load_checkpoint, model_from_checkpoint  # noqa: E402
 from sparcode_cli.models.base import QueryBatch  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
 
     tts, seeds, new, ref = train_all(__file__, a, "A2A_TEACHER", tag_env)
     teachers = [a2as[s] for s in seeds]
-    print(f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(BUDGET)}; teachers: "
+    print(f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(target_sets(a.dataset, 'sparcode'))}; teachers: "
           + ", ".join(t.name for t in teachers) + "\n")  # fmt: skip
     report(
         "teacher",

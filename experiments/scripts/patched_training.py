@@ -95,7 +95,7 @@ def train_all(
     tts = two_tower_runs(a.runs, a.dataset, a.encoder)
     seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
     a.out.mkdir(parents=True, exist_ok=True)
-    sets = {s: default_sets(s, a.encoder) for s in seeds}
+    sets = {s: default_sets(s, a.encoder, a.dataset) for s in seeds}
     with ThreadPoolExecutor(a.jobs) as pool:
         fut = {
             s: pool.submit(

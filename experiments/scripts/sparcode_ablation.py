@@ -1,9 +1,10 @@
 """SparCode with one config key changed, one value at a time, on every seed of a dataset's two-tower runs: the
 3-seed ablation tables of experiments/results/ (movielens-100k-distill.md, movielens-100k-after-probes.md).
 
-For each two-tower run of --encoder found in --runs (the target matrix's budget: 1000 steps), trains SparCode
-from it with the target matrix's budget (400 steps, `train.epochs=1000`, the two-tower's seed) and
-`--key=value` for each of --values, plus the `--set` overrides, into --out. A run that already finished with
+For each two-tower run of --encoder found in --runs (the target matrix's two-tower budget for --dataset), trains
+SparCode from it with the target matrix's overrides for --dataset (experiments/reproduce.toml `[target]`: its
+budget, 400 steps and `train.epochs=1000`, and the dataset's recipe, e.g. Gowalla's flat codebook; the
+two-tower's seed) and `--key=value` for each of --values, plus the `--set` overrides, into --out. A run that already finished with
 this code (same run id, same code digest) in --out or in --runs is reused, not retrained, so the reference value
 can be the target matrix's own SparCode run. Prints per value a mean over seeds: validation Recall@20 (the
 selection metric) and Recall@50, the best epoch per seed, test Recall@20 / @50, and a paired bootstrap over test
@@ -29,19 +30,32 @@ import numpy as np
 
 from sparcode_cli.bootstrap import align_users, paired_bootstrap
 from sparcode_cli.config import load_config, run_id
+from sparcode_cli.reproduce.matrix import expand
 from sparcode_cli.training.trainer import run_state
 
 SPARCODE = str(Path(sys.executable).parent / "sparcode")
-BUDGET = ["train.epochs=1000", "train.max_steps=400", "train.threads=1"]
+
+
+def target_sets(dataset: str, model: str) -> list[str]:
+    """The target matrix's overrides of `model` on `dataset` (reproduce.toml), less the seed and the encoder."""
+    spec = expand("target", datasets=[dataset]).spec
+    budget = {**spec.get("max_steps", {}), **spec["dataset_max_steps"].get(dataset, {})}[model]
+    return [*spec.get("set", []), *spec.get("model_set", {}).get(model, []),
+            *spec["dataset_set"].get(dataset, {}).get(model, []), f"train.max_steps={budget}"]  # fmt: skip
 
 
 def two_tower_runs(runs: Path, dataset: str, encoder: str) -> dict[int, Path]:
-    """seed -> the matrix's two-tower run (the target budget: 1000 steps) for this dataset and encoder."""
+    """seed -> the matrix's two-tower run (the target matrix's budget) for this dataset and encoder."""
+    steps = int(target_sets(dataset, "two-tower")[-1].split("=")[1])
     out: dict[int, Path] = {}
     for meta_path in sorted(runs.glob(f"two-tower-{dataset}-*/meta.json")):
         meta = json.loads(meta_path.read_text())
         cfg = tomllib.loads((meta_path.parent / "config.toml").read_text())
-        if cfg["model"].get("query_encoder") == encoder and cfg["train"].get("max_steps") == 1000:
+        if (
+            meta["dataset"] == dataset  # the glob of "movielens" also matches movielens-100k's runs
+            and cfg["model"].get("query_encoder") == encoder
+            and cfg["train"].get("max_steps") == steps
+        ):
             seed = int(meta["seed"])
             if seed in out:
                 raise SystemExit(
@@ -60,13 +74,14 @@ def chosen_seeds(tts: dict[int, Path], seeds: str | None, runs: Path, encoder: s
     return chosen
 
 
-def default_sets(seed: int, encoder: str) -> list[str]:
-    """The overrides of the target matrix's SparCode run of this seed: its budget, nothing else changed."""
-    return [f"train.seed={seed}", *BUDGET, f"model.query_encoder={encoder}"]
+def default_sets(seed: int, encoder: str, dataset: str) -> list[str]:
+    """The overrides of the target matrix's SparCode run of this seed on `dataset`, at 1 torch thread."""
+    return [*target_sets(dataset, "sparcode"), f"train.seed={seed}", "train.threads=1",
+            f"model.query_encoder={encoder}"]  # fmt: skip
 
 
-def overrides(seed: int, encoder: str, key: str, value: str, extra: list[str]) -> list[str]:
-    return [*default_sets(seed, encoder), *extra, f"{key}={value}"]
+def overrides(seed: int, encoder: str, dataset: str, key: str, value: str, extra: list[str]) -> list[str]:
+    return [*default_sets(seed, encoder, dataset), *extra, f"{key}={value}"]
 
 
 def expected_id(tt: Path, sets: list[str], dataset: str) -> str:
@@ -79,7 +94,7 @@ def default_runs(
     runs: Path, tts: dict[int, Path], seeds: list[int], encoder: str, dataset: str
 ) -> list[Path]:
     """The target matrix's default SparCode run of each seed in `runs`, found by its run id; finished by this code."""
-    found = [runs / expected_id(tts[s], default_sets(s, encoder), dataset) for s in seeds]
+    found = [runs / expected_id(tts[s], default_sets(s, encoder, dataset), dataset) for s in seeds]
     if stale := [r.name for r in found if run_state(r) != "finished"]:
         raise SystemExit(f"no finished default SparCode run of this code in {runs}: {', '.join(stale)}")
     return found
@@ -145,14 +160,14 @@ def main() -> None:
     values = a.values.split(",")
     seeds = chosen_seeds(tts, a.seeds, a.runs, a.encoder)
     a.out.mkdir(parents=True, exist_ok=True)
-    jobs = {(v, s): overrides(s, a.encoder, a.key, v, a.set) for v in values for s in seeds}
+    jobs = {(v, s): overrides(s, a.encoder, a.dataset, a.key, v, a.set) for v in values for s in seeds}
     with ThreadPoolExecutor(a.jobs) as pool:
         futures = {
             k: pool.submit(train, tts[k[1]], sets, a.dataset, a.out, [a.runs]) for k, sets in jobs.items()
         }
         runs = {v: [futures[v, s].result() for s in seeds] for v in values}
     print(f"{a.dataset}, {a.encoder}, seeds {seeds}; two-tower runs: {', '.join(tts[s].name for s in seeds)}")
-    print(f"every run: {' '.join(BUDGET + a.set)}\n")
+    print(f"every run: {' '.join(target_sets(a.dataset, 'sparcode') + a.set)}\n")
     print(
         f"| {a.key} | best epoch per seed | valid R@20 | valid R@50 | test R@20 | test R@50 | "
         f"vs {values[0]}: ΔR@20 / ΔR@50 | vs two-tower: ΔR@20 / ΔR@50 |"

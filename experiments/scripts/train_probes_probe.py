@@ -28,7 +28,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patched_training import parser, report, train_all, worker  # noqa: E402
-from sparcode_ablation import BUDGET  # noqa: E402
+from sparcode_ablation import target_sets  # noqa: E402
 
 from sparcode_cli.models.base import QueryBatch, TrainOutput  # noqa: E402
 from sparcode_cli.models.sparcode import SparCode, leaky_cut  # noqa: E402
@@ -86,7 +86,9 @@ def main() -> None:
     a = ap.parse_args()
     p = str(a.train_probes)
     tts, seeds, new, ref = train_all(__file__, a, "TRAIN_PROBES", lambda s, tt: (p, {"TRAIN_PROBES": p}))
-    print(f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(BUDGET)} model.probes=4\n")
+    print(
+        f"{a.dataset}, {a.encoder}, seeds {seeds}; every run: {' '.join(target_sets(a.dataset, 'sparcode'))}\n"
+    )
     report(
         "training reads",
         [("1 code per token (default)", ref), (f"{a.train_probes} codes per token", new)],
