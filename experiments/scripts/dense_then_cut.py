@@ -11,7 +11,8 @@ on validation, dense) is cut afterwards, two ways:
                    best items by its dense score) and served from it (`sparcode eval --index`)
 
 Both are compared with the target matrix's own SparCode run of the same seed (trained under the cut at 5%, the
-default) and the two-tower: test Recall@20 / @50 mean ± std over the seeds, then each seed.
+default) and the two-tower: test Recall@20 / @50 mean ± std over the seeds, a paired bootstrap over test users
+(the seeds together) of the dense model against both and of the default against the two-tower, then each seed.
 
     SPARCODE_HOME=<home> .venv/bin/python experiments/scripts/dense_then_cut.py \\
         --runs <the target matrix's runs> --encoder dnn --seeds 0,1,2 --out <folder>
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparcode_ablation import chosen_seeds, default_runs, overrides, train, two_tower_runs  # noqa: E402
+from sparcode_ablation import (  # noqa: E402
+    chosen_seeds,
+    compare,
+    default_runs,
+    overrides,
+    train,
+    two_tower_runs,
+)
 from waterfall import KS, SPLIT, load_data, with_density  # noqa: E402
 
 from sparcode_cli.config import load_config  # noqa: E402
@@ -109,6 +117,14 @@ def main() -> None:
             f"{x[:, j].mean():.4f} ± {x[:, j].std(ddof=1) if len(x) > 1 else 0.0:.4f}" for j in (0, 1)
         )
         print(f"| {label} | {ms} | {x[:, 1].mean() - base:+.4f} |")
+    tt_runs, ref_runs, dense_runs = ([r[s] for s in seeds] for r in (tts, ref, dense))
+    print("\nPaired bootstrap over test users, the seeds together (ΔR@20 / ΔR@50):")
+    for name, a_runs, b_runs in (
+        ("trained dense, served dense − default", dense_runs, ref_runs),
+        ("trained dense, served dense − two-tower", dense_runs, tt_runs),
+        ("default − two-tower", ref_runs, tt_runs),
+    ):
+        print(f"- {name}: " + " / ".join(compare(a_runs, b_runs, m) for m in METRICS))
     print("\nPer seed (test R@20 / R@50):")
     for key, label in labels.items():
         print(
