@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sparcode_ablation import (  # noqa: E402
+    best,
     chosen_seeds,
     compare,
     default_runs,
@@ -42,6 +43,7 @@ from sparcode_ablation import (  # noqa: E402
 from waterfall import KS, SPLIT, load_data, with_density  # noqa: E402
 
 from sparcode_cli.config import load_config  # noqa: E402
+from sparcode_cli.data.dataset import Dataset  # noqa: E402
 from sparcode_cli.evaluation import evaluate_index  # noqa: E402
 from sparcode_cli.indexing import build_index  # noqa: E402
 from sparcode_cli.metrics import evaluate  # noqa: E402
@@ -53,19 +55,16 @@ TARGET_DENSITY = float(load_config("sparcode")["model"]["target_density"])  # th
 
 
 def test_of(run: Path) -> list[float]:
-    res = json.loads((run / "results.json").read_text())
-    return [res["test"][m] for m in METRICS]
+    return [best(run)[m] for m in METRICS]
 
 
-def cut_afterwards(run: Path, index_dir: Path) -> tuple[list[float], list[float], float]:
+def cut_afterwards(run: Path, ds: Dataset, index_dir: Path) -> tuple[list[float], list[float], float]:
     """(row-quantile cut, best-5%-kept index) test Recall@20 / @50 of a dense run, and the index's density."""
-    ds, _ = load_data(json.loads((run / "meta.json").read_text())["data_hash"], 0, 0)
     model = model_from_checkpoint(load_checkpoint(run / "checkpoint_best.pt"))
     assert isinstance(model, SparCode)
-    target = TARGET_DENSITY
-    summary = evaluate(with_density(model, target), ds, SPLIT, KS).summary
+    summary = evaluate(with_density(model, TARGET_DENSITY), ds, SPLIT, KS).summary
     quantile = [summary[m] for m in METRICS]
-    cap = math.floor(target * ds.n_items)  # at most the target density
+    cap = math.floor(TARGET_DENSITY * ds.n_items)  # at most the target density
     manifest = build_index(run, index_dir, ds=ds, threads=1, max_per_code=cap, progress=False)
     metrics = evaluate_index(index_dir, ds=ds, split=SPLIT, threads=1, latency_queries=0, progress=False)
     return quantile, [metrics[m] for m in METRICS], float(manifest["density"])
@@ -89,13 +88,16 @@ def main() -> None:
         fut = {s: pool.submit(train, tts[s], sets[s], a.dataset, a.out, [a.runs]) for s in seeds}
         dense = {s: fut[s].result() for s in seeds}
     ref = dict(zip(seeds, default_runs(a.runs, tts, seeds, a.encoder, a.dataset), strict=True))
+    # every run is of --dataset: its processed data is loaded once
+    data_hash = json.loads((dense[seeds[0]] / "meta.json").read_text())["data_hash"]
+    ds, _ = load_data(data_hash, 0, 0)
     rows: dict[str, list[list[float]]] = {k: [] for k in ("tt", "ref", "dense", "quantile", "kept")}
     densities = []
     for s in seeds:
         rows["tt"].append(test_of(tts[s]))
         rows["ref"].append(test_of(ref[s]))
         rows["dense"].append(test_of(dense[s]))
-        q, k, d = cut_afterwards(dense[s], a.out / f"index-best-kept-seed{s}")
+        q, k, d = cut_afterwards(dense[s], ds, a.out / f"index-best-kept-seed{s}")
         rows["quantile"].append(q)
         rows["kept"].append(k)
         densities.append(d)

@@ -18,6 +18,7 @@ users (the chosen seeds together) against the first value and against the two-to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,17 +38,29 @@ from sparcode_cli.training.trainer import run_state
 SPARCODE = str(Path(sys.executable).parent / "sparcode")
 
 
+@functools.cache
+def _target_spec(dataset: str) -> dict[str, Any]:
+    """The target matrix of reproduce.toml, resolved for `dataset` (read once per dataset)."""
+    return expand("target", datasets=[dataset]).spec
+
+
+def target_budget(dataset: str, model: str) -> int:
+    """The target matrix's train.max_steps of `model` on `dataset`."""
+    spec = _target_spec(dataset)
+    return int({**spec.get("max_steps", {}), **spec["dataset_max_steps"].get(dataset, {})}[model])
+
+
 def target_sets(dataset: str, model: str) -> list[str]:
     """The target matrix's overrides of `model` on `dataset` (reproduce.toml), less the seed and the encoder."""
-    spec = expand("target", datasets=[dataset]).spec
-    budget = {**spec.get("max_steps", {}), **spec["dataset_max_steps"].get(dataset, {})}[model]
+    spec = _target_spec(dataset)
     return [*spec.get("set", []), *spec.get("model_set", {}).get(model, []),
-            *spec["dataset_set"].get(dataset, {}).get(model, []), f"train.max_steps={budget}"]  # fmt: skip
+            *spec["dataset_set"].get(dataset, {}).get(model, []),
+            f"train.max_steps={target_budget(dataset, model)}"]  # fmt: skip
 
 
 def two_tower_runs(runs: Path, dataset: str, encoder: str) -> dict[int, Path]:
     """seed -> the matrix's two-tower run (the target matrix's budget) for this dataset and encoder."""
-    steps = int(target_sets(dataset, "two-tower")[-1].split("=")[1])
+    steps = target_budget(dataset, "two-tower")
     out: dict[int, Path] = {}
     for meta_path in sorted(runs.glob(f"two-tower-{dataset}-*/meta.json")):
         meta = json.loads(meta_path.read_text())
