@@ -111,15 +111,20 @@ def test_hash_and_run_id() -> None:
 
 
 def test_a_newer_key_at_its_old_behaviour_keeps_the_run_id() -> None:
-    """model.quantizer came after runs existed: "product" (the old behaviour) leaves the hash as it was."""
-    cfg = load_config("sparcode", overrides=["model.quantizer=product"])
-    old = {s: {k: v for k, v in cfg[s].items() if (s, k) != ("model", "quantizer")} for s in cfg}
+    """model.probes came after runs existed: 1 (the old behaviour) leaves the hash as it was."""
+    cfg = load_config("sparcode", overrides=["model.probes=1"])
+    old = {s: {k: v for k, v in cfg[s].items() if (s, k) != ("model", "probes")} for s in cfg}
     assert config_hash(cfg, "d", 0) == config_hash(old, "d", 0)
-    residual = load_config("sparcode", overrides=["model.quantizer=residual"])
-    assert config_hash(residual, "d", 0) != config_hash(cfg, "d", 0)
-    assert load_config("sparcode")["model"]["quantizer"] == "residual"  # the default since session 5
-    with pytest.raises(UserError, match="quantizer"):
-        load_config("sparcode", overrides=["model.quantizer=lattice"])
+    assert config_hash(load_config("sparcode"), "d", 0) != config_hash(cfg, "d", 0)  # the default, 4
+
+
+def test_the_quantizer_key_is_residual_only() -> None:
+    """The product quantizer lost its ablation and was removed: the key stays (in every run id since session 5)
+    with one value, and "product" is refused by name."""
+    assert load_config("sparcode")["model"]["quantizer"] == "residual"
+    for value in ("product", "lattice"):
+        with pytest.raises(UserError, match=rf"^model\.quantizer = '{value}' is not one of: residual$"):
+            load_config("sparcode", overrides=[f"model.quantizer={value}"])
 
 
 def test_to_toml_round_trip() -> None:

@@ -247,19 +247,10 @@ def test_probes_are_bounded_by_the_code_ids() -> None:
     )
 
 
-def test_product_quantizer_needs_token_dim_a_multiple_of_m() -> None:
-    with pytest.raises(
-        UserError, match=r"^model\.token_dim = 60 is not allowed with model\.m = 8: must be a mult"
-    ):
-        load_config(
-            "sparcode",
-            overrides=["model.token_dim=60", "model.m=8", "model.quantizer=product", "model.n_codewords=64"],
-        )
-    residual = load_config(
-        "sparcode",
-        overrides=["model.token_dim=60", "model.m=8", "model.quantizer=residual", "model.n_codewords=64"],
-    )
-    assert residual["model"]["m"] == 8
+def test_token_dim_need_not_be_a_multiple_of_m() -> None:
+    """Residual codewords are full tokens (the removed product quantizer cut a token into m equal chunks)."""
+    cfg = load_config("sparcode", overrides=["model.token_dim=60", "model.m=3", "model.n_codewords=64"])
+    assert (cfg["model"]["token_dim"], cfg["model"]["m"]) == (60, 3)
 
 
 @pytest.mark.parametrize("model", ["two-tower", "sparcode", "all-to-all"])

@@ -48,7 +48,6 @@ SPARCODE = [
     *SMALL,
     "model.token_dim=16",
     "model.k_u=4",
-    "model.quantizer=product",  # spread_codes writes product codebooks
     "model.n_codewords=8",  # M = 2: 64 codes
     "model.interaction_hidden=8",
     "model.density_warmup=10",
@@ -75,8 +74,12 @@ def spread_codes(run_dir: Path, ds: Dataset) -> None:
         users = np.arange(1, ds.n_users + 1)
         q = query_batch(last_items(ds.train, users, 8), ds.features.user_feats[users])
         z = model.user_tokens(q).reshape(-1, model.token_dim)
-        pick = torch.randperm(len(z), generator=gen)[: model.quantizer.N]
-        model.quantizer.codebooks.copy_(z[pick].reshape(len(pick), model.quantizer.M, -1).transpose(0, 1))
+        n = model.quantizer.N
+        pick = torch.randperm(len(z), generator=gen)[: 3 * n]
+        # stage 1 real user tokens; later stages differences of two of them, residual-sized
+        books = [z[pick[:n]]]
+        books += [0.5**m * (z[pick[n : 2 * n]] - z[pick[2 * n :]]) for m in range(1, model.quantizer.M)]
+        model.quantizer.codebooks.copy_(torch.stack(books))
         model.bias.fill_(100.0)
         g = model.score_codes(torch.from_numpy(reached_codes(model, ds)))[:, 1:] - 100.0
         model.bias.fill_(-float(torch.quantile(g.flatten(), 0.7)))  # 30% of the reached pairs kept

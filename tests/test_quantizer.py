@@ -1,47 +1,38 @@
-"""The product quantizer (models/quantizer.py): straight-through gradients, EMA codebooks, dead-code restarts,
-eval-mode purity, code ids."""
+"""The residual quantizer (models/quantizer.py): stages, straight-through gradients, EMA codebooks, dead-code
+restarts, eval-mode purity, code ids, multi-probe beams; and that a run of the removed product quantizer is refused."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sparcode_cli.models.quantizer import ProductQuantizer
+from sparcode_cli.errors import UserError
+from sparcode_cli.models import model_from_checkpoint
+from sparcode_cli.models.quantizer import ResidualQuantizer
+from tests.test_sparsity import EXTRA, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_code_id_tuple_round_trip() -> None:
-    pq = ProductQuantizer(6, 3, 5)
+    pq = ResidualQuantizer(6, 3, 5)
     ids = torch.arange(pq.n_codes)
     t = pq.tuples_from_ids(ids)
     assert t.shape == (125, 3) and int(t.max()) == 4
     assert torch.equal(pq.ids_from_tuples(t), ids)
     assert pq.ids_from_tuples(torch.tensor([[1, 2, 3]])).item() == 1 * 25 + 2 * 5 + 3  # sum_m j_m N^(M-1-m)
-    # decode = the M codewords side by side
+    # decode = the sum of the M codewords
     z = pq.decode(torch.tensor([38]))
-    assert torch.equal(z[0], torch.cat([pq.codebooks[0, 1], pq.codebooks[1, 2], pq.codebooks[2, 3]]))
-
-
-def test_assignment_is_nearest_codeword_per_chunk() -> None:
-    torch.manual_seed(0)
-    pq = ProductQuantizer(4, 2, 8).eval()
-    z = torch.randn(50, 4)
-    zq, ids, _ = pq(z)
-    t = pq.tuples_from_ids(ids)
-    for m in range(2):
-        d = torch.cdist(z[:, 2 * m : 2 * m + 2], pq.codebooks[m])
-        assert torch.equal(t[:, m], d.argmin(1))
-    assert torch.allclose(zq, pq.decode(ids))
+    assert torch.equal(z[0], pq.codebooks[0, 1] + pq.codebooks[1, 2] + pq.codebooks[2, 3])
 
 
 def test_residual_assignment_in_row_blocks_is_the_nearest_codeword(monkeypatch: pytest.MonkeyPatch) -> None:
     """More tokens than one distance block (a partial last block too) get the same ids as one block."""
     torch.manual_seed(1)
-    rq = ProductQuantizer(8, 1, 64, residual=True).eval()
+    rq = ResidualQuantizer(8, 1, 64).eval()
     z = torch.randn(23, 8)
     whole = rq.assign(z)
-    monkeypatch.setattr(ProductQuantizer, "NEAREST_ROWS", 5)
+    monkeypatch.setattr(ResidualQuantizer, "NEAREST_ROWS", 5)
     assert torch.equal(rq.assign(z), whole)
     assert torch.equal(whole[:, 0], torch.cdist(z, rq.codebooks[0]).argmin(1))
 
@@ -49,7 +40,7 @@ def test_residual_assignment_in_row_blocks_is_the_nearest_codeword(monkeypatch: 
 def test_straight_through_gradient_reaches_the_tokenizer() -> None:
     torch.manual_seed(0)
     head = torch.nn.Linear(3, 8)
-    pq = ProductQuantizer(8, 2, 4, beta=0.0)
+    pq = ResidualQuantizer(8, 2, 4, beta=0.0)
     x = torch.randn(16, 3)
     w = torch.randn(16, 8)
     zq, _, commit = pq(head(x))
@@ -68,7 +59,7 @@ def test_straight_through_gradient_reaches_the_tokenizer() -> None:
 
 def test_ema_moves_codewords_toward_their_inputs() -> None:
     torch.manual_seed(0)
-    pq = ProductQuantizer(2, 1, 4, decay=0.9, kmeans_iters=0)
+    pq = ResidualQuantizer(2, 1, 4, decay=0.9, kmeans_iters=0)
     centres = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0], [0.0, -3.0]])
     x = (centres.repeat_interleave(32, 0) + 0.1 * torch.randn(128, 2)).contiguous()
     pq.train()
@@ -90,7 +81,7 @@ def test_ema_moves_codewords_toward_their_inputs() -> None:
 
 def test_dead_codes_are_restarted_from_current_inputs() -> None:
     torch.manual_seed(0)
-    pq = ProductQuantizer(2, 1, 8, decay=0.8, dead_threshold=0.1, kmeans_iters=0).train()
+    pq = ResidualQuantizer(2, 1, 8, decay=0.8, dead_threshold=0.1, kmeans_iters=0).train()
     x = torch.randn(64, 2)
     pq(x)  # init
     far = torch.full((8, 2), 100.0)
@@ -109,7 +100,7 @@ def test_dead_codes_are_restarted_from_current_inputs() -> None:
 
 def test_eval_never_changes_a_codebook() -> None:
     torch.manual_seed(0)
-    pq = ProductQuantizer(4, 2, 8)
+    pq = ResidualQuantizer(4, 2, 8)
     pq.eval()
     before = {k: v.clone() for k, v in pq.state_dict().items()}
     for _ in range(5):
@@ -122,7 +113,7 @@ def test_eval_never_changes_a_codebook() -> None:
 
 def test_kmeans_init_and_usage_stats() -> None:
     torch.manual_seed(0)
-    pq = ProductQuantizer(4, 2, 4, kmeans_iters=10).train()
+    pq = ResidualQuantizer(4, 2, 4, kmeans_iters=10).train()
     x = torch.randn(200, 4)
     pq(x)
     assert bool(pq.initted)
@@ -130,20 +121,16 @@ def test_kmeans_init_and_usage_stats() -> None:
     assert stats["codes_in_use"] == [4, 4]
     assert all(1.0 < p <= 4.0 for p in stats["perplexity"])
     assert 1 <= stats["distinct_tuples"] <= 16
-    # init_from given vectors (the two-tower warm start)
+    # init_from given vectors (the two-tower warm start): stage 1 takes the vector, stage 2 the nothing it leaves
     pq.init_from(torch.zeros(10, 4) + torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    assert torch.allclose(pq.codebooks[0], torch.tensor([1.0, 2.0]).expand(4, 2))
+    assert torch.allclose(pq.codebooks[0], torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(4, 4))
+    assert torch.equal(pq.codebooks[1], torch.zeros(4, 4))
 
 
-def test_bad_shapes() -> None:
-    with pytest.raises(ValueError):
-        ProductQuantizer(5, 2, 4)
-
-
-# ------------------------------------------------------------------------------------------------ residual
+# ------------------------------------------------------------------------------------------------ stages
 def test_residual_stages_quantize_what_the_earlier_left() -> None:
     torch.manual_seed(0)
-    rq = ProductQuantizer(4, 3, 5, residual=True).eval()
+    rq = ResidualQuantizer(4, 3, 5).eval()
     assert rq.codebooks.shape == (3, 5, 4)  # full-width codewords
     z = torch.randn(40, 4)
     zq, ids, _ = rq(z)
@@ -154,30 +141,12 @@ def test_residual_stages_quantize_what_the_earlier_left() -> None:
         r = r - rq.codebooks[m][t[:, m]]
     torch.testing.assert_close(zq, sum(rq.codebooks[m][t[:, m]] for m in range(3)))
     torch.testing.assert_close(rq.decode(ids), zq)
-    ProductQuantizer(5, 2, 4, residual=True)  # no divisibility needed
-
-
-def test_residual_uses_more_codes_when_tokens_vary_in_few_directions() -> None:
-    """Tokens on a 1-D curve: product chunks move together (few tuples); residual stages refine each other."""
-    g = torch.Generator().manual_seed(0)
-    s = torch.rand(4000, 1, generator=g) * 6 - 3
-    z = torch.cat([torch.sin(s), torch.cos(s), s / 3, s * s / 9], 1) + 0.01 * torch.randn(
-        4000, 4, generator=g
-    )
-    out = {}
-    for residual in (False, True):
-        q = ProductQuantizer(4, 2, 16, residual=residual, kmeans_iters=20).train()
-        q.init_from(z)
-        q.eval()
-        zq, ids, _ = q(z)
-        out[residual] = (len(torch.unique(ids)), float(((zq - z) ** 2).sum(1).mean()))
-    (n_pq, err_pq), (n_rq, err_rq) = out[False], out[True]
-    assert n_rq > 2 * n_pq and err_rq < err_pq / 3  # measured: 32 vs 104 tuples, 0.017 vs 0.0025
+    ResidualQuantizer(5, 2, 4)  # no divisibility needed
 
 
 def test_residual_ema_and_restarts_train_every_stage() -> None:
     torch.manual_seed(0)
-    rq = ProductQuantizer(4, 2, 4, residual=True, kmeans_iters=5).train()
+    rq = ResidualQuantizer(4, 2, 4, kmeans_iters=5).train()
     x = torch.randn(256, 4)
     for _ in range(30):
         rq(x)
@@ -188,16 +157,15 @@ def test_residual_ema_and_restarts_train_every_stage() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ multi-probe
-def _brute_nearest(q: ProductQuantizer, z: torch.Tensor, p: int) -> torch.Tensor:
+def _brute_nearest(q: ResidualQuantizer, z: torch.Tensor, p: int) -> torch.Tensor:
     """The p code ids whose decoded vectors are nearest to each token, over the whole code universe."""
     d2 = torch.cdist(z, q.decode(torch.arange(q.n_codes))).pow(2)
     return d2.topk(p, dim=1, largest=False).indices
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_one_probe_is_the_code_the_token_trains_on(residual: bool) -> None:
+def test_one_probe_is_the_code_the_token_trains_on() -> None:
     torch.manual_seed(2)
-    q = ProductQuantizer(6, 2, 7, residual=residual).eval()
+    q = ResidualQuantizer(6, 2, 7).eval()
     z = torch.randn(4, 5, 6)
     _, trained_ids, _ = q(z)  # the forward pass's codes: what the loss sees
     assert torch.equal(q.nearest(z, 1), trained_ids.unsqueeze(-1))
@@ -208,7 +176,7 @@ def test_one_probe_is_the_code_the_token_trains_on(residual: bool) -> None:
 def test_residual_probes_always_include_the_trained_code(p: int) -> None:
     """The beam can push the greedy tuple out at the last stage; the greedy code then takes the last place."""
     torch.manual_seed(6)
-    q = ProductQuantizer(8, 3, 6, residual=True)
+    q = ResidualQuantizer(8, 3, 6)
     q.init_from(torch.randn(400, 8))  # k-means codebooks, where the beam and the greedy path disagree
     q.eval()
     z = torch.randn(500, 8)
@@ -218,20 +186,9 @@ def test_residual_probes_always_include_the_trained_code(p: int) -> None:
     assert all(len(set(r.tolist())) == p for r in got)  # still p distinct codes
 
 
-def test_product_probes_are_the_exact_nearest_codes() -> None:
-    """Chunk distances add up and are independent, so a beam of width p finds the exact p nearest tuples."""
-    torch.manual_seed(3)
-    q = ProductQuantizer(6, 3, 5).eval()
-    z = torch.randn(30, 6)
-    for p in (2, 4, 9):
-        got = q.nearest(z, p)
-        assert got.shape == (30, p)
-        assert torch.equal(got, _brute_nearest(q, z, p))
-
-
 def test_residual_probes_are_a_beam_exact_when_it_holds_every_first_stage_word() -> None:
     torch.manual_seed(4)
-    q = ProductQuantizer(8, 2, 6, residual=True).eval()
+    q = ResidualQuantizer(8, 2, 6).eval()
     z = torch.randn(40, 8)
     # width N: the first stage keeps all its N words, so the second ranks all N^2 sums
     assert torch.equal(q.nearest(z, 6), _brute_nearest(q, z, 6))
@@ -247,6 +204,33 @@ def test_residual_probes_are_a_beam_exact_when_it_holds_every_first_stage_word()
 
 def test_probes_on_a_flat_codebook_are_the_nearest_codewords() -> None:
     torch.manual_seed(5)
-    q = ProductQuantizer(4, 1, 16, residual=True).eval()
+    q = ResidualQuantizer(4, 1, 16).eval()
     z = torch.randn(20, 4)
     assert torch.equal(q.nearest(z, 5), _brute_nearest(q, z, 5))
+
+
+# ------------------------------------------------------------------------------------------------ removed: product
+@pytest.mark.parametrize(
+    ("old_keys", "loads"), [({}, True), ({"quantizer": "product"}, False), (None, False)]
+)
+def test_a_run_of_the_removed_product_quantizer_is_refused(
+    old_keys: dict[str, str] | None, loads: bool
+) -> None:
+    """A checkpoint that says "product", or predates the key (its quantizer was the product one), is refused with
+    a UserError naming the key (exit code 2), never decoded with residual codebooks; a residual one loads."""
+    model, _ = small_model("sparcode", *EXTRA)
+    model.eval()
+    cfg = {k: v for k, v in model.cfg.items() if old_keys is not None or k != "quantizer"}
+    ckpt = {
+        "model": "sparcode",
+        "config": {"model": {**cfg, **(old_keys or {})}},
+        "ctx": model.ctx.to_dict(),
+        "state_dict": model.state_dict(),
+    }
+    if not loads:
+        with pytest.raises(UserError, match=r"model\.quantizer = 'product', which sparcode no longer has"):
+            model_from_checkpoint(ckpt)
+        return
+    codes = torch.arange(model.n_codes)
+    with torch.inference_mode():
+        assert torch.equal(model_from_checkpoint(ckpt).score_codes(codes), model.score_codes(codes))

@@ -1,7 +1,7 @@
 """Multi-probe serving of trained SparCode runs: accuracy and cost at each `probes` P, beside Faiss flat.
 
 `model.probes` P makes each user token read the rows of its P nearest codes (a beam over the codebooks,
-`ProductQuantizer.nearest`; P = 1 is the code trained on); the index is the same. For every SparCode run
+`ResidualQuantizer.nearest`; P = 1 is the code trained on); the index is the same. For every SparCode run
 given, this script builds its index once (`sparcode index`) and the Faiss flat index of the two-tower run it
 was warm-started from, then for each P serves the index with `sparcode eval --index DIR --probes P`
 (`evaluation.evaluate_index`, full ranking, query items masked, overlap with exact scoring checked) on the

@@ -51,10 +51,7 @@ GRID: list[tuple[str, dict[str, Any]]] = [
         "M 2 residual, N 64, K_u 1",
         {"quantizer": "residual", "m": 2, "n_codewords": 64, "k_u": 1, "head_noise": 0.0},
     ),
-    (
-        "M 2 product, N 64, K_u 1",
-        {"quantizer": "product", "m": 2, "n_codewords": 64, "k_u": 1, "head_noise": 0.0},
-    ),
+    # "M 2 product, N 64, K_u 1" (quantizer-warm-start.md) ran before the product quantizer was removed
     ("M 1, N 256, K_u 1", {"m": 1, "n_codewords": 256, "k_u": 1, "head_noise": 0.0}),
     ("M 1, N 256, K_u 4, noise 1", {"m": 1, "n_codewords": 256, "k_u": 4, "head_noise": 1.0}),
     ("M 1, N 1,024, K_u 1", {"m": 1, "n_codewords": 1024, "k_u": 1, "head_noise": 0.0}),

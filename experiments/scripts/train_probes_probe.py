@@ -1,7 +1,7 @@
 """Training with the served probes inside the loss: a prototype, patched in by this script (the package trains
 on one code per token and serves `model.probes` codes per token), measured against the target matrix's runs.
 
-With `--train-probes P`, each user token's P nearest codes (`ProductQuantizer.nearest`, the beam of serving) all
+With `--train-probes P`, each user token's P nearest codes (`ResidualQuantizer.nearest`, the beam of serving) all
 enter the training loss: K_u x P rows per user, each with the straight-through gradient z + sg(ẑ_p - z), cut and
 summed exactly as serving sums them. The codebooks still learn (EMA, commitment) from the greedy code only.
 Everything else is `SparCode.train_output` unchanged. For each two-tower run of --encoder in --runs, SparCode is

@@ -23,7 +23,7 @@ SPARCODE = str(Path(sys.executable).parent / "sparcode")
 COMMON = ["--set", "train.epochs=1000", "--set", "train.threads=1", "--no-progress"]
 VARIANTS = {
     "default": [],
-    "a": ["model.quantizer=product", "model.n_codewords=64"],
+    # "a", model.quantizer=product: lost (the summary of movielens-100k-sparcode-warm-start.md has it); removed
     "b": ["model.logit_scale=5.0"],
     "c": ["train.lr=0.001"],
     "d": ["model.leak=0"],

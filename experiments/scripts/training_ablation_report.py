@@ -17,7 +17,7 @@ from sparcode_cli.paths import processed_root
 
 LABELS = {
     "default": "default",
-    "a": "a `model.quantizer=product`, `model.n_codewords=64` (the old codebook)",
+    "a": "a `model.quantizer=product`, `model.n_codewords=64` (the old codebook)",  # removed; committed summaries
     "b": "b `model.logit_scale=5.0` (the old temperature)",
     "c": "c `train.lr=0.001` (the old step)",
     "d": "d `model.leak=0`",

@@ -5,7 +5,7 @@ default n_codewords / k_u of experiments/sparcode.toml, not the codebook-sweep b
 ranked by `metrics.evaluate` (full ranking, every query item masked) at each step:
 
     1   two-tower (exact)           the two-tower run's best checkpoint
-    1a  warm-start tokens, no PQ     SparCode's warm start, its K_u user tokens unquantized, scored
+    1a  warm-start tokens, unquantized SparCode's warm start, its K_u user tokens unquantized, scored
                                      sum_k g(z_k, i) (= all-to-all at step 0; g = dot path, h = 0)  [diagnostic]
     2a  quantized, raw sum g         the same with the quantized tokens ẑ_k: sum_k g(ẑ_k, i), rows not
                                      standardised                                                   [diagnostic]
@@ -13,7 +13,6 @@ ranked by `metrics.evaluate` (full ranking, every query item masked) at each ste
                                      row standardised over items (the model's own dense score: what its
                                      dense_loss trains, and step 3 without the cut)
     3   + cut at target density      the warm start, every code row cut at target_density
-                                     (experiments/scripts/warm_start_step0.py)
     4a  trained, no cut              the trained SparCode run's best checkpoint at row density 1.0   [diagnostic]
     4   trained SparCode             the trained SparCode run's best checkpoint (cut, exact model scoring),
                                      one code per user token

@@ -72,7 +72,6 @@ NOT_IDENTITY = {("train", "threads"), ("train", "eval_batch_size")}
 # Keys added after runs existed, left out of the run id while they hold the value that reproduces the older
 # behaviour, so those runs keep their ids (and are reused, not retrained).
 IDENTITY_UNLESS_CHANGED = {
-    ("model", "quantizer"): "product",
     ("model", "gru_layers"): 1,
     ("model", "user_id"): False,
     ("model", "tower"): "mlp",

@@ -1,11 +1,11 @@
-"""Product quantizer with EMA codebooks (SparCode's user-side discretiser, DESIGN §2 step 2).
+"""Residual quantizer with EMA codebooks (SparCode's user-side discretiser, DESIGN §2 step 2).
 
-A token z in R^D is cut into M chunks of D/M; chunk m is replaced by its nearest codeword (squared L2) in
-codebook m of N codewords. `residual=True` (model.quantizer = "residual") makes it a residual quantizer
-instead: M codebooks of N full D-dim codewords, stage m quantizing what stages 1..m-1 left, ẑ the sum. Product
-chunks of a token are quantized independently, so when tokens vary in few directions the chunks' codes move
-together and few of the N^M tuples occur (Gowalla's undertrained two-tower: 99.5% of the user variance in two
-directions, 237 tuples of 4,096 for 8,000 users; residual: 2,372, and half the squared error).
+M codebooks of N full D-dim codewords: stage 1 replaces a token z in R^D by its nearest codeword (squared L2),
+stage m the residual that stages 1..m-1 left; ẑ is the sum of the M codewords. It replaced DESIGN §2's product
+quantizer (M chunks of D/M, one codebook each), which lost its ablation and was removed: product chunks of a
+token are quantized independently, so when tokens vary in few directions the chunks' codes move together and
+few of the N^M tuples occur (movielens-100k warm start, 3 seeds, cut at 5%: 398-440 of 4,096 tuples and test
+Recall@50 0.3412, against the residual's 1,727-1,775 and 0.3512: movielens-100k-sparcode-warm-start.md).
 
 The codebooks are shared by all of a user's K_u tokens. A token's code is the tuple (j_1..j_M), its id sum_m j_m * N^(M-1-m) in [0, N^M) (`ids_from_tuples` / `tuples_from_ids`).
 
@@ -16,13 +16,13 @@ averages (decay 0.99) of assignment counts and assigned sums, with Laplace smoot
 
 Dead codes: after each training update, a codeword whose EMA count is below
 `dead_threshold * (tokens in the batch / N)` (the per-batch expectation of a uniformly used code) is
-restarted from a random input chunk of the current batch. With batch 256, K_u 4, N 64 the expectation is
+restarted from a random input of its stage in the current batch. With batch 256, K_u 4, N 64 the expectation is
 16 per code, and the default dead_threshold 0.0625 makes an EMA count below 1 dead. A restarted code gets
 the expected count, so it has ~ln(1/dead_threshold)/(1 - decay) steps to attract inputs before it can die
 again.
 
-Initialisation: before the first training batch, codebooks come from k-means of that batch's chunks
-(`kmeans_iters` > 0) or from random batch chunks (`kmeans_iters` = 0); `init_from(vectors)` does the same
+Initialisation: before the first training batch, each stage's codebook comes from k-means of that
+stage's inputs in that batch (`kmeans_iters` > 0) or from random ones (`kmeans_iters` = 0); `init_from(vectors)` does the same
 from given tokens (the two-tower warm start). The flag is a buffer, so a loaded checkpoint never re-inits.
 
 Under torchrun (data-parallel training, each rank a slice of the batch) every rank ends each step with the
@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from sparcode_cli import distributed as dd
 
 
-class ProductQuantizer(nn.Module):
+class ResidualQuantizer(nn.Module):
     def __init__(
         self,
         dim: int,
@@ -60,19 +60,14 @@ class ProductQuantizer(nn.Module):
         dead_threshold: float = 0.0625,
         kmeans_iters: int = 10,
         seed: int = 0,
-        residual: bool = False,
     ) -> None:
         super().__init__()
-        self.residual = bool(residual)
-        if dim % n_books and not self.residual:
-            raise ValueError(f"token_dim ({dim}) must be divisible by m ({n_books})")
         self.dim, self.M, self.N = int(dim), int(n_books), int(n_codewords)
-        self.sub = self.dim if self.residual else self.dim // self.M
         self.beta, self.decay, self.eps = float(beta), float(decay), float(eps)
         self.dead_threshold, self.kmeans_iters = float(dead_threshold), int(kmeans_iters)
         g = torch.Generator().manual_seed(seed)
-        init = torch.randn(self.M, self.N, self.sub, generator=g) / math.sqrt(self.sub)
-        self.register_buffer("codebooks", init)  # (M, N, D/M)
+        init = torch.randn(self.M, self.N, self.dim, generator=g) / math.sqrt(self.dim)
+        self.register_buffer("codebooks", init)  # (M, N, D)
         self.register_buffer("ema_count", torch.zeros(self.M, self.N))
         self.register_buffer("ema_sum", init.clone())
         self.register_buffer("initted", torch.tensor(False))
@@ -100,19 +95,14 @@ class ProductQuantizer(nn.Module):
         return torch.stack(out[::-1], dim=-1)
 
     def _from_tuples(self, t: Tensor) -> Tensor:
-        """(..., M) codeword indices -> (..., D): the chunks side by side (product) or their sum (residual)."""
-        parts = [self.codebooks[m][t[..., m]] for m in range(self.M)]
-        return torch.stack(parts).sum(0) if self.residual else torch.cat(parts, dim=-1)
+        """(..., M) codeword indices -> (..., D): the sum of the M codewords."""
+        return torch.stack([self.codebooks[m][t[..., m]] for m in range(self.M)]).sum(0)
 
     def decode(self, ids: Tensor) -> Tensor:
         """(...) code ids -> (..., D) quantized vectors ẑ, read from the codebooks."""
         return self._from_tuples(self.tuples_from_ids(ids))
 
     # -- assignment ---------------------------------------------------------------------------------------
-    def _chunks(self, z: Tensor) -> Tensor:
-        """(T, D) -> (M, T, D/M)."""
-        return z.reshape(-1, self.M, self.sub).transpose(0, 1)
-
     NEAREST_ROWS = 256  # rows per distance block: 16 MB at N = 16,384, so the argmin reads it from cache
 
     @classmethod
@@ -128,13 +118,8 @@ class ProductQuantizer(nn.Module):
         )
 
     def _assign_inputs(self, flat: Tensor) -> tuple[Tensor, Tensor]:
-        """flat (T, D) -> (idx (T, M), x (M, T, d)): each codebook's input (a chunk; or, residual, what the
-        earlier codebooks left) and its nearest codeword."""
-        if not self.residual:
-            x = self._chunks(flat)  # (M, T, d)
-            cb = self.codebooks
-            d2 = torch.baddbmm((cb * cb).sum(-1).unsqueeze(1), x, cb.transpose(1, 2), alpha=-2.0)  # (M, T, N)
-            return d2.argmin(-1).transpose(0, 1), x
+        """flat (T, D) -> (idx (T, M), x (M, T, D)): each stage's input (what the earlier stages left) and its
+        nearest codeword, greedily stage by stage."""
         r, ins, idx = flat, [], []
         for m in range(self.M):
             ins.append(r)
@@ -143,8 +128,7 @@ class ProductQuantizer(nn.Module):
         return torch.stack(idx, 1), torch.stack(ins)
 
     def assign(self, z: Tensor) -> Tensor:
-        """(..., D) -> (..., M) codeword indices, nearest per chunk (product) or greedily per stage (residual).
-        Pure: changes nothing."""
+        """(..., D) -> (..., M) codeword indices, greedily per stage. Pure: changes nothing."""
         idx, _ = self._assign_inputs(z.detach().reshape(-1, self.dim))
         return idx.reshape(*z.shape[:-1], self.M)
 
@@ -155,38 +139,30 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def nearest(self, z: Tensor, p: int) -> Tensor:
         """(..., D) tokens -> (..., p) code ids, nearest first (squared L2 to the decoded ẑ): the multi-probe
-        codes of serving. A beam of width p over the codebooks, p x N candidates per stage: for the product
-        quantizer the exact p nearest tuples (chunk distances add up and are independent); for the residual
-        one the beam keeps the p best partial sums, and the greedy code (`encode`, the one the token trained
-        on) takes the last place when the beam missed it, so p > 1 always reads the code of p = 1. p = 1 is
-        `encode` bit for bit. Pure: changes nothing."""
+        codes of serving. A beam of width p over the codebooks, p x N candidates per stage, keeps the p best
+        partial sums; the greedy code (`encode`, the one the token trained on) takes the last place when the
+        beam missed it, so p > 1 always reads the code of p = 1. p = 1 is `encode` bit for bit. Pure: changes
+        nothing."""
         if p == 1:
             return self.encode(z).unsqueeze(-1)
         flat = z.detach().reshape(-1, self.dim)
         t = len(flat)
         ids = torch.zeros(t, 1, dtype=torch.long, device=flat.device)
-        cost = torch.zeros(t, 1, dtype=flat.dtype, device=flat.device)  # distance so far of each beam entry
-        res = flat.unsqueeze(1)  # residual: what each beam entry leaves, (T, b, D)
-        chunks = None if self.residual else self._chunks(flat)  # (M, T, d)
+        res = flat.unsqueeze(1)  # what each beam entry leaves, (T, b, D)
         for m in range(self.M):
-            cb = self.codebooks[m]  # (N, d)
+            cb = self.codebooks[m]  # (N, D)
             sq = (cb * cb).sum(-1)
-            if self.residual:  # the whole error after this stage, ||r - c||^2, per beam entry
-                d2 = (res * res).sum(-1, keepdim=True) + sq - 2.0 * res @ cb.T  # (T, b, N)
-            else:  # the chunks' errors so far plus this chunk's
-                x = chunks[m]
-                d2 = cost.unsqueeze(-1) + ((x * x).sum(-1, keepdim=True) + sq - 2.0 * x @ cb.T).unsqueeze(1)
+            d2 = (
+                (res * res).sum(-1, keepdim=True) + sq - 2.0 * res @ cb.T
+            )  # the error after this stage, (T, b, N)
             top = d2.reshape(t, d2.shape[1] * self.N).topk(min(p, d2.shape[1] * self.N), dim=1, largest=False)
             entry, word = top.indices // self.N, top.indices % self.N
-            ids, cost = ids.gather(1, entry) * self.N + word, top.values
-            if self.residual:
-                res = res.gather(1, entry.unsqueeze(-1).expand(-1, -1, self.dim)) - cb[word]
-        if (
-            self.residual
-        ):  # the beam can push the greedy tuple out at a later stage: keep it (the farthest place)
-            greedy = self.encode(flat)
-            missed = ~(ids == greedy.unsqueeze(1)).any(1)
-            ids[missed, -1] = greedy[missed]
+            ids = ids.gather(1, entry) * self.N + word
+            res = res.gather(1, entry.unsqueeze(-1).expand(-1, -1, self.dim)) - cb[word]
+        # the beam can push the greedy tuple out at a later stage: keep it (the farthest place)
+        greedy = self.encode(flat)
+        missed = ~(ids == greedy.unsqueeze(1)).any(1)
+        ids[missed, -1] = greedy[missed]
         return ids.reshape(*z.shape[:-1], ids.shape[1])
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,7 +175,7 @@ class ProductQuantizer(nn.Module):
             self.init_from(dd.all_gather_rows(flat.detach()))
             for t in (self.codebooks, self.ema_count, self.ema_sum):
                 dd.broadcast_(t)
-        idx, x = self._assign_inputs(flat.detach())  # (T, M), (M, T, d)
+        idx, x = self._assign_inputs(flat.detach())  # (T, M), (M, T, D)
         zq = self._from_tuples(idx)
         if self.training:
             self._ema_update(x, idx)
@@ -211,14 +187,14 @@ class ProductQuantizer(nn.Module):
     # -- codebook learning (training mode only) -------------------------------------------------------------
     @torch.no_grad()
     def init_from(self, vectors: Tensor) -> None:
-        """Codebooks from k-means (or random picks, kmeans_iters = 0) of the chunks of `vectors` (T, D); residual:
-        of what the earlier codebooks leave, stage by stage."""
+        """Codebooks from k-means (or random picks, kmeans_iters = 0) of `vectors` (T, D), stage by stage: each
+        stage of what the earlier stages leave."""
         flat = vectors.detach().float().reshape(-1, self.dim)
-        x = flat.unsqueeze(0).repeat(self.M, 1, 1) if self.residual else self._chunks(flat)  # (M, T, d)
+        x = flat.unsqueeze(0).repeat(self.M, 1, 1)  # (M, T, D)
         t = x.shape[1]
         g = torch.Generator(device="cpu").manual_seed(1234)
         for m in range(self.M):
-            if self.residual and m > 0:  # this stage's input: the residual after the earlier stages
+            if m > 0:  # this stage's input: the residual after the earlier stages
                 prev = self.codebooks[m - 1]
                 x[m] = x[m - 1] - prev[self._nearest(x[m - 1], prev)]
             pick = torch.randint(t, (self.N,), generator=g).to(x.device)
@@ -244,10 +220,10 @@ class ProductQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, x: Tensor, idx: Tensor) -> None:
-        """x (M, T, d): each codebook's inputs (`_assign_inputs`), idx (T, M) their codewords."""
+        """x (M, T, D): each stage's inputs (`_assign_inputs`), idx (T, M) their codewords."""
         onehot = F.one_hot(idx.transpose(0, 1), self.N).to(x.dtype)  # (M, T, N)
         counts = dd.all_reduce_sum_(onehot.sum(1))  # (M, N), over the global batch
-        sums = dd.all_reduce_sum_(torch.bmm(onehot.transpose(1, 2), x))  # (M, N, d)
+        sums = dd.all_reduce_sum_(torch.bmm(onehot.transpose(1, 2), x))  # (M, N, D)
         t = int(counts[0].sum())  # every token has one codeword per codebook
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -259,7 +235,7 @@ class ProductQuantizer(nn.Module):
         dead = self.ema_count < self.dead_threshold * expected  # (M, N)
         n_dead = int(dead.sum())
         if n_dead:
-            x = dd.all_gather_rows(x.transpose(0, 1)).transpose(0, 1)  # (M, global T, d)
+            x = dd.all_gather_rows(x.transpose(0, 1)).transpose(0, 1)  # (M, global T, D)
             for m in range(self.M):
                 dm = dead[m].nonzero().squeeze(-1)
                 if len(dm) == 0:

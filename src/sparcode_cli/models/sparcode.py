@@ -8,9 +8,9 @@ steps 1-5).
     score(u, i) = sum_k ReLU(g~(ẑ_k, i) - theta_{ẑ_k} + b)       (g~: g standardised over items, below)
                   served: the sum also runs over each token's P nearest codes (`probes`, below)
 
-Quantizer (models/quantizer.py): `quantizer = "residual"` (M stages over the whole token, ẑ the sum) or
-"product" (M chunks of D/M); M codebooks of `n_codewords` N give N^M code ids. Codebooks follow EMAs of
-their assignments, not the optimiser; the commitment loss pulls tokens toward them.
+Quantizer (models/quantizer.py): residual, M stages over the whole token, each quantizing what the earlier left,
+ẑ the sum; M codebooks of `n_codewords` N give N^M code ids. Codebooks follow EMAs of their assignments, not the
+optimiser; the commitment loss pulls tokens toward them.
 
 The cut. Each code's row of g is standardised over items, g~ = (g - mean_c) / std_c (a LayerNorm over items
 without the affine part: a code can lift some items only by lowering others), and cut at theta_c, the row's
@@ -44,7 +44,7 @@ table. `score_codes` computes its rows (what `sparcode index` stores); `score_al
 in ascending code-id order (count x row for a repeated code), as the index's serving kernel does
 (retrieval/sparse_index.py), so the index gives exact model scores bit for bit. Multi-probe (`probes`
 P, serving only, as IVF's nprobe): each token reads the rows of its P nearest codes (a beam over the
-codebooks, `ProductQuantizer.nearest`; it always includes the code trained on, which is P = 1), K_u x P
+codebooks, `ResidualQuantizer.nearest`; it always includes the code trained on, which is P = 1), K_u x P
 code ids per user. The rows are the same; validation, the index and exact scoring all use P. A score of exactly 0 means "not retrieved".
 
 Why the model has this form (the alternatives and their measurements): experiments/results/
@@ -64,7 +64,7 @@ from torch import Tensor
 from sparcode_cli.errors import UserError
 from sparcode_cli.models.base import DataContext, QueryBatch, TrainOutput
 from sparcode_cli.models.interaction import CodeSide, TokenCross
-from sparcode_cli.models.quantizer import ProductQuantizer
+from sparcode_cli.models.quantizer import ResidualQuantizer
 from sparcode_cli.models.teacher import TwoTowerTeacher
 
 
@@ -98,7 +98,15 @@ class SparCode(TokenCross):
 
     def __init__(self, cfg: dict[str, Any], ctx: DataContext) -> None:
         super().__init__(cfg, ctx)
-        self.quantizer = ProductQuantizer(
+        # a run from before the key existed quantized with the product quantizer, since removed
+        quantizer = str(cfg.get("quantizer", "product"))
+        if quantizer != "residual":
+            raise UserError(
+                f"this SparCode run uses model.quantizer = {quantizer!r}, which sparcode no longer has (the "
+                "product quantizer lost its ablation to the residual one and was removed)",
+                "retrain the run with the current defaults: sparcode train --model sparcode",
+            )
+        self.quantizer = ResidualQuantizer(
             self.token_dim,
             int(cfg.get("m", 2)),
             int(cfg.get("n_codewords", 64)),
@@ -106,7 +114,6 @@ class SparCode(TokenCross):
             decay=float(cfg.get("ema_decay", 0.99)),
             dead_threshold=float(cfg.get("dead_threshold", 0.0625)),
             kmeans_iters=int(cfg.get("kmeans_iters", 10)),
-            residual=str(cfg.get("quantizer", "product")) == "residual",  # checked by config_schema
         )
         self.target_density = float(cfg.get("target_density", 0.05))
         self.density_warmup = int(cfg.get("density_warmup", 300))
