@@ -121,7 +121,11 @@ def test_a_newer_key_at_its_old_behaviour_keeps_the_run_id() -> None:
 def test_the_quantizer_key_is_residual_only() -> None:
     """The product quantizer lost its ablation and was removed: the key stays (in every run id since session 5)
     with one value, and "product" is refused by name."""
-    assert load_config("sparcode")["model"]["quantizer"] == "residual"
+    cfg = load_config("sparcode")
+    assert cfg["model"]["quantizer"] == "residual"
+    # the key is still in every run id (committed runs are named by it)
+    without = {s: {k: v for k, v in cfg[s].items() if (s, k) != ("model", "quantizer")} for s in cfg}
+    assert config_hash(cfg, "d", 0) != config_hash(without, "d", 0)
     for value in ("product", "lattice"):
         with pytest.raises(UserError, match=rf"^model\.quantizer = '{value}' is not one of: residual$"):
             load_config("sparcode", overrides=[f"model.quantizer={value}"])

@@ -3,7 +3,8 @@
 Tiny models are trained with the real trainer on a synthetic group-table dataset (written as a CSV and
 preprocessed, so the artifact records a real processed folder). A few dozen steps leave SparCode's query
 encoder almost constant (every user on one or two codes), so `spread_codes` makes the trained model's codes
-diverse: random token heads, codebooks drawn from real user tokens, the bias at the 70th percentile of g. It
+diverse: random token heads, the first stage's codewords drawn from real user tokens (later stages from
+differences of two), the bias at the 70th percentile of g. It
 is still a valid SparCode model, and the index must reproduce it exactly whatever its weights.
 """
 

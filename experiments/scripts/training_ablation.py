@@ -4,7 +4,7 @@ Runs the two-tower warm starts (1000 steps), then SparCode (400 steps) from each
 change at a time (each variant restores one earlier default or removes one mechanism), 2 processes at a time, 1 thread each; writes a JSON summary (collect with the --collect step).
 
     SPARCODE_HOME=<home> python experiments/scripts/training_ablation.py --runs <runs> --mirror <data> \
-        --summary <runs>/ablation_summary.json [--variants default,a,b,...]
+        --summary <runs>/ablation_summary.json [--variants default,b,c,...]
 """
 
 from __future__ import annotations
