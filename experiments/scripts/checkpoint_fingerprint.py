@@ -1,8 +1,8 @@
 """What a SparCode checkpoint's quantizer and code rows compute, dumped to compare two versions of the package
 bit for bit (a refactor that must change no number: experiments/results/product-quantizer-removal.md).
 
-Dumps, for the run's first 4,000 users (queries as evaluation builds them: last 50 training items, user
-features, user ids): the codes at 1 and 4 probes, 300 decoded code rows (`score_codes`), the codebooks k-means
+Dumps, for the run's first 4,000 training users (their queries from `training_queries`, as the warm start's
+k-means sees them): the codes at 1 and 4 probes, 300 decoded code rows (`score_codes`), the codebooks k-means
 gives from those users' tokens (`init_from`), and one training-mode forward on 1,024 tokens (ẑ, ids, commitment
 loss, the codebooks after its EMA update).
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-USERS, HISTORY, ROWS, TRAIN_TOKENS = 4000, 50, 300, 1024
+USERS, ROWS, TRAIN_TOKENS = 4000, 300, 1024
 
 
 def dump(run: Path, out: Path) -> None:
-    from sparcode_cli.data.queries import last_items, query_batch
+    from sparcode_cli.data.queries import training_queries
     from sparcode_cli.data.store import load_dataset
     from sparcode_cli.models import attach_features, load_checkpoint, model_from_checkpoint
     from sparcode_cli.paths import processed_root
@@ -35,8 +35,7 @@ def dump(run: Path, out: Path) -> None:
     model = model_from_checkpoint(load_checkpoint(run / "checkpoint_best.pt"))
     attach_features(model, ds.features)
     model.eval()
-    users = np.arange(1, ds.n_users + 1)[:USERS]
-    q = query_batch(last_items(ds.train, users, HISTORY), ds.features.user_feats[users], users)
+    q = next(training_queries(ds, int(model.cfg["max_history"]), batch=USERS))
     res: dict[str, np.ndarray] = {}
     qz = model.quantizer
     with torch.no_grad():
